@@ -1,0 +1,188 @@
+"""Tokenization with assistant-only labels, padding, and length-grouped batching.
+
+The SFT mask comes from the tokenizer's own chat template: the conversation is rendered once,
+and for each assistant turn the character span between "prompt so far + generation header"
+and "prompt including this turn" is the answer. Tokens starting inside such a span are learned,
+including the template's end-of-turn token (``<|im_end|>`` for ChatML); everything else (system and
+user turns, role headers, the newline after end-of-turn, padding) gets label -100.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+class ChatTemplateError(ValueError):
+    """The chat template does not render conversations as prefixes of each other, so masks can't be derived."""
+
+
+def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the [start, end) character spans of every assistant answer.
+
+    An answer's span ends after the template's end-of-turn marker but before trailing whitespace,
+    so the model learns to emit end-of-turn and nothing after it.
+    """
+    text = render(tokenizer, messages)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        if i == 0:
+            raise ChatTemplateError("a conversation cannot start with an assistant turn")
+        prompt = render(tokenizer, messages[:i], add_generation_prompt=True)
+        upto = render(tokenizer, messages[: i + 1])
+        if not (text.startswith(prompt) and text.startswith(upto) and len(upto) > len(prompt)):
+            raise ChatTemplateError(
+                "the chat template does not render earlier turns identically when later turns are added "
+                "(e.g. it rewrites past assistant turns); assistant-only masks cannot be derived for it"
+            )
+        end = len(upto)
+        while end > len(prompt) and upto[end - 1].isspace():
+            end -= 1
+        spans.append((len(prompt), end))
+    return text, spans
+
+
+def tokenize_chat(tokenizer, messages: list[dict], max_length: int, overlong: str) -> tuple[dict | None, str]:
+    """``input_ids`` and ``labels`` of one conversation, and what happened: 'ok', 'truncated' or a drop reason."""
+    text, spans = assistant_spans(tokenizer, messages)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    labels = [
+        tok if any(start <= s < end for start, end in spans) and e > s else IGNORE_INDEX
+        for tok, (s, e) in zip(ids, offsets)
+    ]
+    status = "ok"
+    if len(ids) > max_length:
+        if overlong == "drop":
+            return None, "dropped: longer than --max-length"
+        ids, labels, status = ids[:max_length], labels[:max_length], "truncated"
+    if all(label == IGNORE_INDEX for label in labels[1:]):
+        return None, "dropped: no answer tokens left within --max-length"
+    return {"input_ids": ids, "labels": labels}, status
+
+
+def generation_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of the conversation up to (and including) the header of the final assistant answer."""
+    prompt = render(tokenizer, messages[:-1], add_generation_prompt=True)
+    return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Indices of one micro-batch, and the answer tokens of its whole accumulation window (all workers).
+
+    The loss of a micro-batch is divided by the window's token count, so that every answer token
+    weighs the same whatever the batch size, accumulation or worker count.
+    """
+
+    indices: tuple[int, ...]
+    window_tokens: int
+
+
+class SFTCollator:
+    """Right-pads a micro-batch: ``input_ids``, ``attention_mask``, ``labels`` (-100 on padding)."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, features: list[dict], window_tokens: int | None = None) -> dict[str, torch.Tensor]:
+        width = max(len(f["input_ids"]) for f in features)
+        input_ids = torch.full((len(features), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(features), width), dtype=torch.long)
+        for row, f in enumerate(features):
+            n = len(f["input_ids"])
+            input_ids[row, :n] = torch.tensor(f["input_ids"])
+            labels[row, :n] = torch.tensor(f["labels"])
+            attention_mask[row, :n] = 1
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        targets = int((labels[:, 1:] != IGNORE_INDEX).sum())
+        batch["window_tokens"] = torch.tensor(window_tokens if window_tokens is not None else targets)
+        return batch
+
+
+def target_count(feature: dict) -> int:
+    """Tokens the loss is computed on (the first position is never predicted)."""
+    return sum(1 for label in feature["labels"][1:] if label != IGNORE_INDEX)
+
+
+class LengthGroupedBatchSampler:
+    """Batches of similar length (little padding), in a seeded random order that is new each epoch.
+
+    Indices are shuffled, cut into mega-batches of ``group`` batches, sorted by length inside each,
+    then cut into batches whose order is shuffled again. With ``shuffle=False`` batches are sorted by
+    length. Resumable: ``skip_batches(epoch, n)`` makes the iteration of ``epoch`` start at batch ``n``.
+    Distributed: each of ``world_size`` ranks gets every ``world_size``-th batch (same count on all).
+    """
+
+    def __init__(self, lengths: list[int], targets: list[int], batch_size: int, accumulate: int = 1,
+                 shuffle: bool = True, seed: int = 0, group: int = 64, rank: int = 0, world_size: int = 1):
+        self.lengths, self.targets = lengths, targets
+        self.batch_size, self.accumulate, self.shuffle = batch_size, accumulate, shuffle
+        self.seed, self.group, self.rank, self.world_size = seed, group, rank, world_size
+        self.epoch = 0
+        self._skip: tuple[int, int] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def skip_batches(self, epoch: int, n: int) -> None:
+        self._skip = (epoch, n)
+
+    def plan(self, epoch: int) -> list[list[int]]:
+        """All batches of ``epoch`` for all ranks, in order (rank r takes batches r, r + world, ...)."""
+        order = list(range(len(self.lengths)))
+        if not self.shuffle:
+            order.sort(key=lambda i: -self.lengths[i])
+            return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        rng = random.Random(self.seed * 1_000_003 + epoch)
+        rng.shuffle(order)
+        mega = self.batch_size * self.group
+        batches = []
+        for m in range(0, len(order), mega):
+            chunk = sorted(order[m:m + mega], key=lambda i: -self.lengths[i])
+            batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        rng.shuffle(batches)
+        return batches
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.lengths) / self.batch_size) // self.world_size
+
+    def __iter__(self) -> Iterator[BatchPlan]:
+        batches = self.plan(self.epoch)
+        per_rank = len(batches) // self.world_size
+        # Rank r's k-th batch is batches[k * world + r]; a window is `accumulate` consecutive k on every rank.
+        steps = [batches[k * self.world_size:(k + 1) * self.world_size] for k in range(per_rank)]
+        start = 0
+        if self._skip is not None and self._skip[0] == self.epoch:
+            start, self._skip = self._skip[1], None
+        for k in range(start, per_rank):
+            w0 = k - k % self.accumulate
+            window = steps[w0:w0 + self.accumulate]
+            tokens = sum(self.targets[i] for group in window for batch in group for i in batch)
+            yield BatchPlan(tuple(steps[k][self.rank]), tokens)
+
+
+class PlannedDataset(torch.utils.data.Dataset):
+    """Turns a ``BatchPlan`` into a collated batch: the bridge between the sampler and the collator."""
+
+    def __init__(self, features: list[dict], collator: SFTCollator):
+        self.features, self.collator = features, collator
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, plan: BatchPlan) -> dict[str, torch.Tensor]:
+        return self.collator([self.features[i] for i in plan.indices], plan.window_tokens)

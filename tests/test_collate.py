@@ -1,0 +1,106 @@
+"""Exact SFT label masks, padding, and the length-grouped resumable sampler."""
+
+from __future__ import annotations
+
+import torch
+
+from collate_functions import (
+    IGNORE_INDEX,
+    LengthGroupedBatchSampler,
+    SFTCollator,
+    generation_prompt_ids,
+    tokenize_chat,
+)
+
+
+def _learned(tokenizer, feature):
+    """The learned tokens as a string, '_' for each masked one."""
+    return "".join(tokenizer.convert_ids_to_tokens(t) if t != IGNORE_INDEX else "_" for t in feature["labels"])
+
+
+def test_single_turn_learns_answer_and_end_of_turn_only(char_tokenizer):
+    # <|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nYo<|im_end|>\n  -> 25 tokens, answer at 21..23
+    f, status = tokenize_chat(char_tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}],
+                              100, "drop")
+    assert status == "ok" and len(f["input_ids"]) == 25
+    expected = [IGNORE_INDEX] * 25
+    expected[21:24] = f["input_ids"][21:24]
+    assert f["labels"] == expected
+    assert _learned(char_tokenizer, f) == "_" * 21 + "Yo<|im_end|>_"
+
+
+def test_system_prompt_is_masked(char_tokenizer):
+    messages = [{"role": "system", "content": "Be"}, {"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
+    f, _ = tokenize_chat(char_tokenizer, messages, 100, "drop")
+    # system: 1+6+1+2+1+1 = 12 tokens, user: 1+4+1+1+1+1 = 9, assistant header 1+9+1 = 11 -> answer at 32
+    assert _learned(char_tokenizer, f) == "_" * 32 + "A<|im_end|>_"
+
+
+def test_multi_turn_learns_every_assistant_turn(char_tokenizer):
+    messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]
+    f, _ = tokenize_chat(char_tokenizer, messages, 100, "drop")
+    # each user turn is 9 tokens, each assistant header 11 tokens, each answer 'x<|im_end|>' then '\n'
+    assert _learned(char_tokenizer, f) == "_" * 20 + "b<|im_end|>" + "_" * 21 + "d<|im_end|>_"
+
+
+def test_overlong_rows_are_dropped_or_truncated(char_tokenizer):
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]
+    assert tokenize_chat(char_tokenizer, messages, 22, "drop") == (None, "dropped: longer than --max-length")
+    f, status = tokenize_chat(char_tokenizer, messages, 22, "truncate")
+    assert status == "truncated" and _learned(char_tokenizer, f) == "_" * 21 + "Y"
+    assert tokenize_chat(char_tokenizer, messages, 21, "truncate") == (None, "dropped: no answer tokens left within --max-length")
+
+
+def test_generation_prompt_ends_with_the_assistant_header(char_tokenizer):
+    ids = generation_prompt_ids(char_tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}])
+    assert char_tokenizer.decode(ids) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_collator_pads_right_and_masks_padding():
+    features = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8, 9], "labels": [-100, 9]}]
+    batch = SFTCollator(pad_token_id=0)(features)
+    torch.testing.assert_close(batch["input_ids"], torch.tensor([[5, 6, 7], [8, 9, 0]]))
+    torch.testing.assert_close(batch["attention_mask"], torch.tensor([[1, 1, 1], [1, 1, 0]]))
+    torch.testing.assert_close(batch["labels"], torch.tensor([[-100, 6, 7], [-100, 9, -100]]))
+    assert int(batch["window_tokens"]) == 3
+
+
+def _sampler(**kw):
+    lengths = [5, 50, 7, 48, 6, 52, 9, 44, 3, 41, 8, 60]
+    args = {"lengths": lengths, "targets": [n // 2 for n in lengths], "batch_size": 2, "group": 3, "seed": 1}
+    return LengthGroupedBatchSampler(**{**args, **kw})
+
+
+def test_sampler_covers_every_row_once_groups_lengths_and_reshuffles_per_epoch():
+    s = _sampler()
+    epoch0 = [p.indices for p in s]
+    assert sorted(i for b in epoch0 for i in b) == list(range(12))
+    lengths = s.lengths
+    # a mega-batch of 3 batches is sorted by length, so each batch pairs rows of neighbouring length
+    assert sum(abs(lengths[a] - lengths[b]) for a, b in epoch0) < sum(abs(lengths[a] - lengths[b])
+                                                                      for a, b in zip(range(0, 12, 2), range(1, 12, 2)))
+    assert [p.indices for p in s] == epoch0  # same epoch, same order
+    s.set_epoch(1)
+    assert [p.indices for p in s] != epoch0
+
+
+def test_sampler_window_tokens_and_skip():
+    s = _sampler(accumulate=2)
+    plans = list(s)
+    for k, p in enumerate(plans):
+        w0 = k - k % 2
+        window = [i for q in plans[w0:w0 + 2] for i in q.indices]
+        assert p.window_tokens == sum(s.targets[i] for i in window)
+    s.skip_batches(0, 4)
+    assert list(s) == plans[4:]
+    assert list(s) == plans  # the skip applies once
+
+
+def test_sampler_shards_ranks_with_global_window_tokens():
+    whole = _sampler(batch_size=2).plan(0)
+    ranks = [list(_sampler(batch_size=2, rank=r, world_size=2)) for r in range(2)]
+    assert [p.indices for p in ranks[0]] == [tuple(b) for b in whole[0::2]]
+    assert [p.indices for p in ranks[1]] == [tuple(b) for b in whole[1::2]]
+    for p0, p1 in zip(*ranks):  # both ranks normalise by the same (global) token count
+        assert p0.window_tokens == p1.window_tokens

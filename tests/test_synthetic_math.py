@@ -1,0 +1,192 @@
+"""Tests for the synthetic math generator: determinism, exact arithmetic, wrong solutions, rationales."""
+
+import random
+import re
+from dataclasses import replace
+
+import pytest
+
+from synthetic_math import (
+    DATASET_NAME,
+    Problem,
+    Step,
+    build_dataset,
+    correct_solution,
+    generate_problem,
+    generate_problems,
+    solution_text,
+    to_row,
+    verification_rationale,
+    wrong_solution,
+    wrong_steps,
+)
+
+_EXACT = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a / b}
+
+
+def _hand_built() -> Problem:
+    """5 + 3 = 8, then 8 * 4 = 32."""
+    steps = (
+        Step("Tom starts with 5 apples. Buying 3 more at the shop, Tom has", 5, "+", 3, 8),
+        Step("Filling 4 boxes with that many gives", 8, "*", 4, 32),
+    )
+    question = ("Tom has 5 apples. Tom buys 3 more apples at the shop. Tom fills 4 boxes, each with as many "
+                "apples as Tom has now. How many apples does Tom have now?")
+    return Problem("hand-0", 2, question, steps, 32)
+
+
+def _assert_chain_consistent(problem: Problem, steps: tuple[Step, ...], slip: int | None = None) -> None:
+    """Each step starts from the previous result and, except the `slip` step, computes exactly."""
+    assert steps[0].a == problem.steps[0].a
+    for prev, step in zip(steps, steps[1:]):
+        assert step.a == prev.result
+    for i, step in enumerate(steps):
+        assert isinstance(step.result, int) and step.result >= 0
+        if i != slip:
+            assert _EXACT[step.op](step.a, step.b) == step.result, step
+
+
+@pytest.fixture(scope="module")
+def problems() -> list[Problem]:
+    return generate_problems(500, seed=7, levels=(1, 2, 3, 4))
+
+
+def test_dataset_name():
+    assert DATASET_NAME == "synthetic-math"
+
+
+def test_same_seed_same_problems_different_seed_different():
+    assert generate_problems(30, seed=1) == generate_problems(30, seed=1)
+    questions_1 = [p.question for p in generate_problems(30, seed=1)]
+    questions_2 = [p.question for p in generate_problems(30, seed=2)]
+    assert questions_1 != questions_2
+    assert generate_problem(random.Random(3), 2, "x") == generate_problem(random.Random(3), 2, "x")
+
+
+def test_ids_levels_and_uniqueness():
+    problems = generate_problems(7, seed=4, levels=(1, 2, 3))
+    assert [p.id for p in problems] == [f"synth-4-{i}" for i in range(7)]
+    assert {p.level for p in problems} == {1, 2, 3}
+    # 3000 level-1 draws repeat a question about 10 times, so this exercises the dedup.
+    many = generate_problems(3000, seed=0, levels=(1,))
+    assert len({p.question for p in many}) == 3000
+
+
+def test_level_is_number_of_steps_and_arithmetic_is_exact(problems):
+    assert {p.level for p in problems} == {1, 2, 3, 4}
+    for p in problems:
+        assert len(p.steps) == p.level
+        assert p.answer == p.steps[-1].result
+        _assert_chain_consistent(p, p.steps)
+        assert max(max(s.a, s.b, s.result) for s in p.steps) <= 3000
+        assert p.question.endswith("?")
+    level_1 = [p for p in problems if p.level == 1]
+    assert all(2 <= p.steps[0].a <= 20 and 2 <= p.steps[0].b <= 20 for p in level_1)
+
+
+def test_question_states_every_operand_and_the_start(problems):
+    for p in problems:
+        numbers = re.findall(r"\d+", p.question)
+        assert numbers[0] == str(p.steps[0].a)
+        assert [int(n) for n in numbers[1:]] == [s.b for s in p.steps], p.question
+
+
+def test_solution_text_exact_format():
+    expected = ("Tom starts with 5 apples. Buying 3 more at the shop, Tom has 5 + 3 = 8.\n"
+                "Filling 4 boxes with that many gives 8 * 4 = 32.\n"
+                "#### 32")
+    problem = _hand_built()
+    assert solution_text(problem.steps, problem.answer) == expected
+    assert correct_solution(problem) == expected
+    division = Step("Sharing equally among 4 friends, each gets", 12, "/", 4, 3)
+    assert solution_text([division], 3) == "Sharing equally among 4 friends, each gets 12 / 4 = 3.\n#### 3"
+
+
+def test_wrong_solution_differs_and_propagates(problems):
+    rng = random.Random(0)
+    error_indices = set()
+    for p in problems:
+        steps, index = wrong_steps(p, rng)
+        assert 0 <= index < len(p.steps)
+        assert len(steps) == len(p.steps)
+        assert steps[:index] == p.steps[:index]
+        assert steps[index] != p.steps[index] and steps[index].a == p.steps[index].a
+        assert steps[-1].result != p.answer
+        _assert_chain_consistent(p, steps, slip=index)  # later steps recompute from the wrong value
+        for wrong, right in zip(steps[index + 1:], p.steps[index + 1:]):
+            assert (wrong.text, wrong.op, wrong.b) == (right.text, right.op, right.b)
+        error_indices.add((p.level, index))
+    assert {(4, i) for i in range(4)} <= error_indices  # every position gets errors
+
+
+def test_wrong_solution_text_is_deterministic_and_has_wrong_final_answer(problems):
+    for p in problems[:100]:
+        text, index = wrong_solution(p, random.Random(p.id))
+        assert (text, index) == wrong_solution(p, random.Random(p.id))
+        steps, same_index = wrong_steps(p, random.Random(p.id))
+        assert (text, index) == (solution_text(steps, steps[-1].result), same_index)
+        assert text.splitlines()[-1] == f"#### {steps[-1].result}" != f"#### {p.answer}"
+
+
+def test_verification_rationale_correct_and_wrong(problems):
+    rng = random.Random(1)
+    for p in problems:
+        rationale, ok = verification_rationale(p, p.steps)
+        assert ok
+        assert rationale.splitlines()[-1] == "Verification: Is the answer correct (Yes/No)? Yes"
+        assert "wrong" not in rationale
+        steps, index = wrong_steps(p, rng)
+        rationale, ok = verification_rationale(p, steps)
+        assert not ok
+        lines = rationale.splitlines()
+        assert lines[-1] == "Verification: Is the answer correct (Yes/No)? No"
+        # It stops at the wrong step (1-based in the text) and names it.
+        assert lines[-2].startswith(f"Step {index + 1}:") and f"step {index + 1} is wrong" in lines[-2]
+
+
+def test_verification_rationale_hand_built_cases():
+    problem = _hand_built()
+    rationale, ok = verification_rationale(problem, problem.steps)
+    assert ok
+    assert rationale == ("Let's verify step by step.\n"
+                         "Step 1: 5 + 3 = 8. It uses 5 from the question, and 5 + 3 is indeed 8.\n"
+                         "Step 2: 8 * 4 = 32. It uses 8 from step 1, and 8 * 4 is indeed 32.\n"
+                         "Verification: Is the answer correct (Yes/No)? Yes")
+    slip = (replace(problem.steps[0], result=9), replace(problem.steps[1], a=9, result=36))
+    rationale, ok = verification_rationale(problem, slip)
+    assert not ok
+    assert rationale.splitlines()[1:] == ["Step 1: 5 + 3 = 9. But 5 + 3 = 8, so step 1 is wrong.",
+                                          "Verification: Is the answer correct (Yes/No)? No"]
+    # Arithmetic right, but it does not use step 1's result: the chain check catches it.
+    unchained = (problem.steps[0], replace(problem.steps[1], a=7, result=28))
+    rationale, ok = verification_rationale(problem, unchained)
+    assert not ok and "Step 2: 7 * 4 = 28. But step 1 gives 8, not 7, so step 2 is wrong." in rationale
+    # Arithmetic right, but the wrong operation for the story.
+    wrong_op = (replace(problem.steps[0], op="*", result=15), replace(problem.steps[1], a=15, result=60))
+    rationale, ok = verification_rationale(problem, wrong_op)
+    assert not ok and "But the question calls for 5 + 3 here, so step 1 is wrong." in rationale
+    # Missing the last step.
+    rationale, ok = verification_rationale(problem, problem.steps[:1])
+    assert not ok and rationale.endswith("No")
+
+
+def test_to_row_and_build_dataset():
+    dataset = build_dataset(n_train=40, n_test=12, seed=3)
+    assert set(dataset) == {"train", "test"}
+    assert (len(dataset["train"]), len(dataset["test"])) == (40, 12)
+    columns = {"id", "question", "answer", "level", "final_answer"}
+    assert set(dataset["train"].column_names) == columns == set(dataset["test"].column_names)
+    assert not set(dataset["train"]["question"]) & set(dataset["test"]["question"])
+    assert not set(dataset["train"]["id"]) & set(dataset["test"]["id"])
+    for split in dataset.values():
+        for row in split:
+            assert row["answer"].splitlines()[-1] == f"#### {row['final_answer']}"
+    assert set(dataset["train"]["level"]) == {1, 2, 3}
+    problem = generate_problems(1, seed=3)[0]
+    assert to_row(problem) == dataset["train"][0]
+    assert to_row(problem)["final_answer"] == str(problem.answer)
+
+
+def test_invalid_level_is_rejected():
+    with pytest.raises(ValueError, match="level"):
+        generate_problem(random.Random(0), 5, "x")

@@ -1,0 +1,99 @@
+"""End-to-end invariants of training on the tiny model: accumulation, resume, learning, test mode."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+import train
+from config import resolve
+
+
+class Recorder(pl.Callback):
+    """Keeps the loss of every micro-batch and the gradients seen before each optimizer step."""
+
+    def __init__(self):
+        self.losses, self.grads = [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.grads.append({n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None})
+
+
+class Crash(pl.Callback):
+    def __init__(self, at_step: int):
+        self.at_step = at_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.at_step:
+            raise RuntimeError("simulated crash")
+
+
+def _run(args, *extra, callbacks=()):
+    cfg, _ = resolve([*args, *extra])
+    return train.run(cfg, callbacks=list(callbacks))
+
+
+def test_batch_of_four_equals_four_accumulated_batches_of_one(tiny_run_args):
+    """One optimizer step over the same 4 rows of different lengths: the window loss (sum of answer-token
+    NLL / answer tokens of the window) and every gradient agree."""
+    base = [*tiny_run_args, "--train-dataset-length", "4", "--val-generate-samples", "0", "--gradient-clip-val", "0"]
+    big, small = Recorder(), Recorder()
+    _run(base, "--batch-size", "4", "--name", "big", callbacks=[big])
+    _run(base, "--batch-size", "1", "--accumulate-grad-batches", "4", "--name", "small", callbacks=[small])
+    assert len(big.grads) == len(small.grads) == 1
+    # Lightning reports each micro-batch's loss divided by the accumulation count; they add up to the window's loss.
+    assert len(small.losses) == 4
+    torch.testing.assert_close(torch.tensor(big.losses[0]), torch.tensor(sum(small.losses)), rtol=1e-5, atol=1e-6)
+    for name, grad in big.grads[0].items():
+        torch.testing.assert_close(small.grads[0][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_resume_after_a_crash_continues_the_same_loss_curve(tiny_run_args):
+    """32 rows, batch 4: 8 steps per epoch, 16 in two epochs. A run crashes after step 11 (epoch 1, batch 3),
+    before that step's checkpoint is written (Lightning runs checkpoint callbacks last), so it resumes from
+    step 10, mid-epoch: steps 11-16 must have exactly the losses of an uninterrupted run."""
+    base = [*tiny_run_args, "--max-epochs", "2", "--warmup-steps", "3", "--val-generate-samples", "0",
+            "--checkpoint-every-n-steps", "1"]
+    whole, first, second = Recorder(), Recorder(), Recorder()
+    _run(base, "--name", "whole", callbacks=[whole])
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _run(base, "--name", "crashy", callbacks=[first, Crash(at_step=11)])
+    _run(base, "--name", "crashy", "--resume-from-checkpoint", "last", callbacks=[second])
+    assert len(whole.losses) == 16 and len(first.losses) == 11 and len(second.losses) == 6
+    torch.testing.assert_close(torch.tensor(first.losses[:10] + second.losses), torch.tensor(whole.losses),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_short_run_lowers_validation_loss_and_keeps_checkpoints(tiny_run_args, tmp_path):
+    results = _run(tiny_run_args, "--max-epochs", "3", "--eval-before-training", "--ckpt-to-keep", "2")
+    assert results["after"]["val/loss"] < results["before"]["val/loss"] - 0.5
+    assert {"val/accuracy", "val/edit_distance"} <= set(results["after"])
+    checkpoints = sorted(p.name for p in (tmp_path / "runs" / "tiny" / "checkpoints").iterdir())
+    assert checkpoints == ["epoch=1-step=16.ckpt", "epoch=2-step=24.ckpt", "last.ckpt"]
+    run_dir = tmp_path / "runs" / "tiny"
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "final_model" / "model.safetensors").is_file()
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    saved = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert saved["train_config"]["name"] == "tiny"
+    # --roundoff 4 (default) rounds logged metrics, but not the learning rate.
+    rows = list(csv.DictReader(next((run_dir / "csv").glob("version_*/metrics.csv")).open()))
+    losses = [float(r["train/loss"]) for r in rows if r["train/loss"]]
+    assert losses and all(abs(v - round(v, 4)) < 1e-6 for v in losses)
+    assert any(0 < float(r["train/lr"]) < 3e-3 and abs(float(r["train/lr"]) - round(float(r["train/lr"]), 4)) > 1e-7
+               for r in rows if r["train/lr"])
+
+    # --mode test on the last checkpoint reproduces the final validation loss without training.
+    tested = _run(tiny_run_args, "--mode", "test", "--resume-from-checkpoint", "last")
+    assert tested["test"]["val/loss"] == pytest.approx(results["after"]["val/loss"], abs=1e-3)
+
+
+def test_missing_checkpoint_is_a_clear_error(tiny_run_args, capsys):
+    with pytest.raises(SystemExit):
+        train.main([*tiny_run_args, "--resume-from-checkpoint", "last"])
+    assert "--resume-from-checkpoint last: no checkpoint at" in capsys.readouterr().err

@@ -1,0 +1,167 @@
+"""Post-train a language model: one entrypoint for SFT, DPO, Bradley-Terry reward models and GenRM-CoT verifiers.
+
+Local run (the README's main job: SFT of the embedded SmolLM2-135M-Instruct on synthetic math):
+    python train.py --config configs/sft-smollm2-math.yaml
+
+Any setting can be given as a flag, flags winning over the YAML file:
+    python train.py --model-name smollm2-135m-instruct --dataset-name synthetic-math --training-type sft \
+        --batch-size 8 --lr 1e-5 --max-epochs 1 --storage-path runs --name sft-demo
+
+Resume the same run after a crash, or evaluate its checkpoint:
+    python train.py --config configs/sft-smollm2-math.yaml --name sft-demo --resume-from-checkpoint last
+    python train.py --config configs/sft-smollm2-math.yaml --name sft-demo --mode test --resume-from-checkpoint last
+
+Print the resolved configuration without running anything:
+    python train.py --config configs/sft-smollm2-math.yaml --print-config
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from collate_functions import ChatTemplateError, tokenize_chat
+from config import ConfigError, TrainConfig, redact, resolve, save, to_yaml
+from custom_dataset import CustomDataset, DataError
+from losses.sft import sft_loss
+
+log = logging.getLogger("train")
+
+# What each training type runs: how a row becomes token ids and labels, and the loss on them.
+# Only 'sft' is available yet; config.validate refuses the others with a clear message until they land.
+TRAINING_TYPES = {
+    "sft": {"tokenize": tokenize_chat, "loss": sft_loss},
+}
+
+
+def prepare_data(cfg: TrainConfig, tokenizer):
+    """Load, select and tokenize the train and validation sets; report rows dropped or truncated."""
+    from tqdm import tqdm
+
+    tokenize = TRAINING_TYPES[cfg.training_type]["tokenize"]
+    train_set, val_set = CustomDataset.splits(cfg)
+    for split, dataset in (("train", train_set), ("validation", val_set)):
+        if split == "validation" and dataset is train_set:
+            break
+        kept, features, outcome = [], [], Counter()
+        for row in tqdm(dataset.rows, desc=f"tokenizing {split}", disable=not cfg.verbose, leave=False):
+            feature, status = tokenize(tokenizer, row["messages"], cfg.max_length, cfg.overlong)
+            outcome[status] += 1
+            if feature is not None:
+                kept.append(row)
+                features.append(feature)
+        dataset.rows, dataset.features = kept, features
+        summary = ", ".join(f"{n} {status}" for status, n in sorted(outcome.items()))
+        print(f"{split}: {len(features)} rows kept ({summary})")
+        if not features:
+            raise ConfigError([f"--max-length {cfg.max_length}: no {split} row fits; raise it or use --overlong truncate"])
+    return train_set, val_set
+
+
+def checkpoint_path(cfg: TrainConfig) -> str | None:
+    """The checkpoint --resume-from-checkpoint names ('last' = newest of this run), checked to exist."""
+    ckpt = cfg.resume_from_checkpoint
+    if ckpt is None:
+        return None
+    path = cfg.run_dir / "checkpoints" / "last.ckpt" if ckpt == "last" else Path(ckpt)
+    if not path.is_file():
+        raise ConfigError([f"--resume-from-checkpoint {ckpt}: no checkpoint at {path}"])
+    return str(path)
+
+
+def build_trainer(cfg: TrainConfig, callbacks: list | None = None):
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import ModelCheckpoint
+    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+
+    every = {"every_n_train_steps": cfg.checkpoint_every_n_steps} if cfg.checkpoint_every_n_steps else {
+        "every_n_epochs": cfg.checkpoint_frequency}
+    checkpoint = ModelCheckpoint(
+        dirpath=cfg.run_dir / "checkpoints", filename="{epoch}-{step}", monitor="step", mode="max",
+        save_top_k=cfg.ckpt_to_keep, save_last=True, **every,
+    )
+    return pl.Trainer(
+        accelerator="gpu" if cfg.use_gpu else "cpu",
+        devices=cfg.num_workers,
+        strategy=cfg.strategy,
+        precision=cfg.precision,
+        max_epochs=cfg.max_epochs,
+        max_steps=cfg.max_steps,
+        accumulate_grad_batches=cfg.accumulate_grad_batches,
+        gradient_clip_val=cfg.gradient_clip_val or None,
+        check_val_every_n_epoch=cfg.check_val_every_n_epoch,
+        num_sanity_val_steps=cfg.num_sanity_val_steps,
+        log_every_n_steps=cfg.log_every_n_steps,
+        logger=[TensorBoardLogger(cfg.run_dir, name="tensorboard", version=""), CSVLogger(cfg.run_dir, name="csv")],
+        callbacks=[checkpoint, *(callbacks or [])],
+        enable_progress_bar=cfg.verbose,
+        enable_model_summary=cfg.verbose,
+        use_distributed_sampler=False,  # the length-grouped sampler shards by rank itself
+        deterministic=False,
+    )
+
+
+def report(title: str, metrics: dict, roundoff: int) -> dict:
+    shown = {k: round(float(v), roundoff) for k, v in metrics.items() if k.startswith("val/")}
+    print(f"{title}: " + ", ".join(f"{k}={v}" for k, v in sorted(shown.items())))
+    return shown
+
+
+def run(cfg: TrainConfig, callbacks: list | None = None) -> dict:
+    """Train (or test) as ``cfg`` says; returns the validation metrics before/after and the run folder."""
+    import pytorch_lightning as pl
+    import torch
+
+    from models import load_causal_lm, load_tokenizer
+    from module import PostTrainingModule
+
+    ckpt = checkpoint_path(cfg)
+    pl.seed_everything(cfg.seed, verbose=False)
+    torch.set_float32_matmul_precision("high")
+    print(redact(f"resolved config:\n{to_yaml(cfg)}") if cfg.verbose else f"run folder: {cfg.run_dir}")
+    save(cfg, cfg.run_dir)
+    tokenizer = load_tokenizer(cfg.model_name)
+    train_set, val_set = prepare_data(cfg, tokenizer)
+    model = load_causal_lm(cfg.model_name)
+    module = PostTrainingModule(cfg, model, tokenizer, train_set, val_set, TRAINING_TYPES[cfg.training_type]["loss"])
+    trainer = build_trainer(cfg, callbacks)
+    results: dict = {"run_dir": str(cfg.run_dir)}
+    started = time.time()
+    if cfg.mode == "test":
+        results["test"] = report("test", trainer.validate(module, ckpt_path=ckpt, verbose=False)[0], cfg.roundoff)
+        return results
+    if cfg.eval_before_training and ckpt is None:
+        results["before"] = report("before training", trainer.validate(module, verbose=False)[0], cfg.roundoff)
+    trainer.fit(module, ckpt_path=ckpt)
+    if module.last_validated_step != trainer.global_step:  # fit ended between two validations
+        trainer.validate(module, verbose=False)
+    results["after"] = report("after training", trainer.callback_metrics, cfg.roundoff)
+    results["train_minutes"] = round((time.time() - started) / 60, 2)
+    final = cfg.run_dir / "final_model"
+    if trainer.is_global_zero:
+        model.save_pretrained(final)
+        tokenizer.save_pretrained(final)
+        print(f"final model (Hugging Face format): {final}")
+    for sample in module.last_generations[:3]:
+        print(f"--- {sample['prompt']}\n    generated: {sample['generated']!r}\n    reference: {sample['reference']!r}")
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg, args = resolve(argv)
+        if args.__dict__.get("print_config"):
+            print(to_yaml(cfg), end="")
+            return None
+        return run(cfg)
+    except (ConfigError, DataError, ChatTemplateError, OSError) as exc:
+        print(f"train.py: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
