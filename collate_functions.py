@@ -121,14 +121,15 @@ def target_count(feature: dict) -> int:
 class LengthGroupedBatchSampler:
     """Batches of similar length (little padding), in a seeded random order that is new each epoch.
 
-    Indices are shuffled, cut into mega-batches of ``group`` batches, sorted by length inside each,
+    Indices are shuffled, cut into mega-batches of ``group`` batches (small enough that batches
+    differ between epochs even on a few hundred rows), sorted by length inside each,
     then cut into batches whose order is shuffled again. With ``shuffle=False`` batches are sorted by
     length. Resumable: ``skip_batches(epoch, n)`` makes the iteration of ``epoch`` start at batch ``n``.
     Distributed: each of ``world_size`` ranks gets every ``world_size``-th batch (same count on all).
     """
 
     def __init__(self, lengths: list[int], targets: list[int], batch_size: int, accumulate: int = 1,
-                 shuffle: bool = True, seed: int = 0, group: int = 64, rank: int = 0, world_size: int = 1):
+                 shuffle: bool = True, seed: int = 0, group: int = 16, rank: int = 0, world_size: int = 1):
         self.lengths, self.targets = lengths, targets
         self.batch_size, self.accumulate, self.shuffle = batch_size, accumulate, shuffle
         self.seed, self.group, self.rank, self.world_size = seed, group, rank, world_size

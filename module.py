@@ -57,7 +57,7 @@ class PostTrainingModule(pl.LightningModule):
         self.collator = SFTCollator(tokenizer.pad_token_id)
         self._data_position: dict | None = None  # {"epoch", "batches"} consumed, saved in checkpoints
         self._resume_position: dict | None = None
-        self._clock: float | None = None
+        self._clock = 0.0
         self.last_generations: list[dict] = []
         self.last_validated_step: int | None = None
 
@@ -108,14 +108,17 @@ class PostTrainingModule(pl.LightningModule):
         scale = self.trainer.accumulate_grad_batches * self.trainer.world_size
         loss, metrics = self.loss_fn(logps, mask, batch["window_tokens"].float() / scale)
         self._data_position = {"epoch": self.current_epoch, "batches": batch_idx + 1}
-        now = time.perf_counter()
-        if self._clock is not None:
-            self._log("train/tokens_per_s", batch["attention_mask"].sum() / (now - self._clock))
-        self._clock = now
         self._log("train/loss", metrics["nll"], prog_bar=True)
         self._log("train/lr", self.lr_schedulers().get_last_lr()[0], exact=True)
         self._log("step", self.global_step)  # monitored by the checkpoint callback to keep the newest
         return loss
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        self._clock = time.perf_counter()
+
+    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
+        # Forward, backward and (at a window's end) the optimizer step of this batch; data loading excluded.
+        self._log("train/tokens_per_s", batch["attention_mask"].sum() / (time.perf_counter() - self._clock))
 
     # ---- validation -------------------------------------------------------------------------
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -125,7 +128,6 @@ class PostTrainingModule(pl.LightningModule):
         self._log("val/loss", metrics["nll"], batch_size=int(metrics["tokens"]), prog_bar=True, sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
-        self._clock = None
         if self.trainer.sanity_checking:
             return
         self.last_validated_step = self.global_step

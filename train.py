@@ -81,7 +81,7 @@ def build_trainer(cfg: TrainConfig, callbacks: list | None = None):
         "every_n_epochs": cfg.checkpoint_frequency}
     checkpoint = ModelCheckpoint(
         dirpath=cfg.run_dir / "checkpoints", filename="{epoch}-{step}", monitor="step", mode="max",
-        save_top_k=cfg.ckpt_to_keep, save_last=True, **every,
+        save_top_k=cfg.ckpt_to_keep, save_last="link", **every,  # last.ckpt links the newest, no 2nd copy
     )
     return pl.Trainer(
         accelerator="gpu" if cfg.use_gpu else "cpu",
@@ -113,14 +113,12 @@ def report(title: str, metrics: dict, roundoff: int) -> dict:
 def run(cfg: TrainConfig, callbacks: list | None = None) -> dict:
     """Train (or test) as ``cfg`` says; returns the validation metrics before/after and the run folder."""
     import pytorch_lightning as pl
-    import torch
 
     from models import load_causal_lm, load_tokenizer
     from module import PostTrainingModule
 
     ckpt = checkpoint_path(cfg)
     pl.seed_everything(cfg.seed, verbose=False)
-    torch.set_float32_matmul_precision("high")
     print(redact(f"resolved config:\n{to_yaml(cfg)}") if cfg.verbose else f"run folder: {cfg.run_dir}")
     save(cfg, cfg.run_dir)
     tokenizer = load_tokenizer(cfg.model_name)

@@ -6,6 +6,9 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
+# Config fields of model families whose forward() transforms the logits after the output head
+# (Gemma 2/3 soft-capping, Cohere, Granite, Falcon-H1 scaling): for them the full forward pass is used.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier")
 
 
 def gather_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -48,7 +51,7 @@ def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
     """
     targets, mask = shift_labels(labels)
     head = model.get_output_embeddings()
-    if head is None or getattr(model.config, "final_logit_softcapping", None):
+    if head is None or any(getattr(model.config, name, None) not in (None, 1, 1.0) for name in LOGIT_TRANSFORMS):
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]  # (B, T-1, V)
         return gather_logprobs(logits, targets) * mask, mask
     hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
