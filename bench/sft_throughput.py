@@ -137,7 +137,6 @@ def measure_ours(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def measure_trl(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
     import transformers
     import trl
     from datasets import Dataset
