@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 IGNORE_INDEX = -100
+INVALID_PROMPT = "invalid: the prompt alone fills --max-length"
 
 
 class ChatTemplateError(ValueError):
@@ -63,14 +64,32 @@ def tokenize_chat(tokenizer, messages: list[dict], max_length: int, overlong: st
         tok if any(start <= s < end for start, end in spans) and e > s else IGNORE_INDEX
         for tok, (s, e) in zip(ids, offsets)
     ]
+    first_answer = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
+    if first_answer >= max_length:
+        return None, INVALID_PROMPT
     status = "ok"
     if len(ids) > max_length:
         if overlong == "drop":
             return None, "dropped: longer than --max-length"
         ids, labels, status = ids[:max_length], labels[:max_length], "truncated"
-    if all(label == IGNORE_INDEX for label in labels[1:]):
-        return None, "dropped: no answer tokens left within --max-length"
     return {"input_ids": ids, "labels": labels}, status
+
+
+def tokenize_sft(tokenizer, row: dict, max_length: int, overlong: str) -> tuple[dict | None, str]:
+    """A normalised row's conversation, as ``tokenize_chat`` does it."""
+    return tokenize_chat(tokenizer, row["messages"], max_length, overlong)
+
+
+def tokenize_pair(tokenizer, row: dict, max_length: int, overlong: str) -> tuple[dict | None, str]:
+    """Chosen and rejected answers to the same prompt, each tokenized and masked exactly as for SFT."""
+    chosen, chosen_status = tokenize_chat(tokenizer, row["messages"], max_length, overlong)
+    rejected_chat = [*row["messages"][:-1], {"role": "assistant", "content": row["rejected"]}]
+    rejected, rejected_status = tokenize_chat(tokenizer, rejected_chat, max_length, overlong)
+    if chosen is None or rejected is None:
+        return None, chosen_status if chosen is None else rejected_status
+    feature = {"chosen_input_ids": chosen["input_ids"], "chosen_labels": chosen["labels"],
+               "rejected_input_ids": rejected["input_ids"], "rejected_labels": rejected["labels"]}
+    return feature, "truncated" if "truncated" in (chosen_status, rejected_status) else "ok"
 
 
 def generation_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
@@ -81,14 +100,13 @@ def generation_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
 
 @dataclass(frozen=True)
 class BatchPlan:
-    """Indices of one micro-batch, and the answer tokens of its whole accumulation window (all workers).
-
-    The loss of a micro-batch is divided by the window's token count, so that every answer token
-    weighs the same whatever the batch size, accumulation or worker count.
+    """Indices of one micro-batch, and the loss units (answer tokens, or pairs) of its whole accumulation window
+    (all workers). The loss of a micro-batch is divided by the window's count, so that every answer token (or
+    pair) weighs the same whatever the batch size, accumulation or worker count.
     """
 
     indices: tuple[int, ...]
-    window_tokens: int
+    window_units: int
 
 
 class SFTCollator:
@@ -97,7 +115,7 @@ class SFTCollator:
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
 
-    def __call__(self, features: list[dict], window_tokens: int | None = None) -> dict[str, torch.Tensor]:
+    def __call__(self, features: list[dict], window_units: int | None = None) -> dict[str, torch.Tensor]:
         width = max(len(f["input_ids"]) for f in features)
         input_ids = torch.full((len(features), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
@@ -109,13 +127,36 @@ class SFTCollator:
             attention_mask[row, :n] = 1
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         targets = int((labels[:, 1:] != IGNORE_INDEX).sum())
-        batch["window_tokens"] = torch.tensor(window_tokens if window_tokens is not None else targets)
+        batch["window_units"] = torch.tensor(window_units if window_units is not None else targets)
+        return batch
+
+
+class PreferenceCollator(SFTCollator):
+    """A batch of B pairs as one padded batch of 2B sequences: chosen answers in rows 0..B-1, rejected in B..2B-1,
+    so both go through the model in one forward pass. Precomputed reference log-probs come along as ``ref_logps`` (2B,)."""
+
+    def __call__(self, features: list[dict], window_units: int | None = None) -> dict[str, torch.Tensor]:
+        sequences = [{"input_ids": f[f"{side}_input_ids"], "labels": f[f"{side}_labels"]}
+                     for side in ("chosen", "rejected") for f in features]
+        batch = super().__call__(sequences, window_units if window_units is not None else len(features))
+        if "ref_logps" in features[0]:
+            batch["ref_logps"] = torch.tensor([f["ref_logps"][side] for side in (0, 1) for f in features])
         return batch
 
 
 def target_count(feature: dict) -> int:
     """Tokens the loss is computed on (the first position is never predicted)."""
     return sum(1 for label in feature["labels"][1:] if label != IGNORE_INDEX)
+
+
+def loss_units(feature: dict) -> int:
+    """What the loss averages over: answer tokens for SFT, pairs for preference losses."""
+    return 1 if "rejected_input_ids" in feature else target_count(feature)
+
+
+def feature_length(feature: dict) -> int:
+    """Padded width a feature needs (the longer side of a pair)."""
+    return max(len(value) for key, value in feature.items() if key.endswith("input_ids"))
 
 
 class LengthGroupedBatchSampler:
@@ -186,4 +227,4 @@ class PlannedDataset(torch.utils.data.Dataset):
         return len(self.features)
 
     def __getitem__(self, plan: BatchPlan) -> dict[str, torch.Tensor]:
-        return self.collator([self.features[i] for i in plan.indices], plan.window_tokens)
+        return self.collator([self.features[i] for i in plan.indices], plan.window_units)

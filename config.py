@@ -24,7 +24,7 @@ import yaml
 
 TRAINING_TYPES = ("sft", "dpo", "bt", "sft_verifier")
 # Training types whose issue has landed; the rest parse and then fail clearly.
-AVAILABLE_TRAINING_TYPES = ("sft",)
+AVAILABLE_TRAINING_TYPES = ("sft", "dpo", "bt")
 PRECISIONS = ("32", "bf16-mixed", "bf16-true", "transformer-engine", "transformer-engine-float16")
 STRATEGIES = ("auto", "ddp", "fsdp", "deepspeed")
 # Environment variables that may hold secrets; their values are never printed or saved.
@@ -80,6 +80,12 @@ class TrainConfig:
         "What to do with rows longer than --max-length: drop them or truncate them (both are counted and reported).",
         choices=("drop", "truncate"),
     )
+    invalid_rows: str = _f(
+        "error",
+        "Malformed rows (missing or empty fields, a prompt filling --max-length): stop with an error naming the row, "
+        "or skip them and report how many.",
+        choices=("error", "skip"),
+    )
     # Optimisation.
     seed: int = _f(42, "Random seed for data order, sampling and initialisation.")
     max_epochs: int = _f(1, "Number of passes over the training data.")
@@ -97,6 +103,10 @@ class TrainConfig:
     # Objective-specific.
     beta: float = _f(0.1, "DPO temperature beta.")
     lambda_: float = _f(0.1, "GenRM-CoT weight of the correct-solution SFT loss (flag --lambda).")
+    ref_model_name: str | None = _f(None, "DPO reference model; default: a frozen copy of --model-name.")
+    precompute_ref_logps: bool = _f(
+        False, "DPO: compute the reference log-probs in one pass before training (cached on disk) and keep only the policy in memory."
+    )
     # Evaluation.
     check_val_every_n_epoch: int = _f(1, "Validate every N epochs.")
     num_sanity_val_steps: int = _f(2, "Validation batches run before training to catch errors early (0 disables).")
@@ -264,6 +274,9 @@ def validate(cfg: TrainConfig) -> list[str]:
     need(cfg.max_steps == -1 or cfg.max_steps >= 1, f"--max-steps must be -1 or at least 1, got {cfg.max_steps}")
     need(cfg.beta > 0, f"--beta must be positive, got {cfg.beta}")
     need(cfg.lambda_ >= 0, f"--lambda must be 0 or more, got {cfg.lambda_}")
+    if cfg.training_type != "dpo":
+        need(cfg.ref_model_name is None, f"--ref-model-name is for --training-type dpo, not {cfg.training_type}")
+        need(not cfg.precompute_ref_logps, f"--precompute-ref-logps is for --training-type dpo, not {cfg.training_type}")
     try:
         need(all(1 <= lv <= 4 for lv in cfg.levels()), f"--synthetic-levels must be levels 1-4, got {cfg.synthetic_levels!r}")
     except ValueError:

@@ -1,7 +1,8 @@
 """Datasets: load from the hub, a local file or folder, or the built-in generator; select rows; normalise formats.
 
-Every row format is turned into one shape, ``{"messages": [{"role", "content"}, ...], "reference": str}``,
-by a small adapter in ``FORMATS``: adding a format means adding one function there.
+Every row format is turned into one shape, ``{"messages": [{"role", "content"}, ...], "reference": str, "row": int}``
+(preference rows add ``"rejected": str``, the final assistant turn being the chosen answer), by a small adapter
+in ``FORMATS``: adding a format means adding one function there. ``row`` is the row's index in its split.
 Selection order: percentile filter on text length, then the length cap (first or seeded random N).
 """
 
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 TRAIN_SPLITS = ("train", "train_sft", "train_prefs")
 TEST_SPLITS = ("test", "test_sft", "test_prefs", "validation")
+SOURCE_ROW = "_source_row"  # index in the original split, added when a test split is carved out of it
 
 
 class DataError(ValueError):
@@ -44,26 +46,59 @@ def _gsm8k_row(row: dict[str, Any]) -> dict[str, Any]:
     return {"messages": messages, "reference": row["answer"]}
 
 
-FORMATS: dict[str, tuple[Callable[[dict], dict], set[str]]] = {
-    # name: (adapter, columns that identify the format)
-    "messages": (_messages_row, {"messages"}),
-    "gsm8k": (_gsm8k_row, {"question", "answer"}),
+def _response(value: Any, column: str) -> str:
+    """A response given as a string or as a message list whose last turn is the assistant's."""
+    if isinstance(value, list):
+        if not value or value[-1].get("role") != "assistant":
+            raise DataError(f"'{column}' must end with the assistant's answer")
+        value = value[-1]["content"]
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(f"'{column}' is empty")
+    return value
+
+
+def _preference_row(row: dict[str, Any]) -> dict[str, Any]:
+    """Preference pairs: ``prompt`` and ``chosen``/``rejected`` answers, each a string or a message list whose
+    last turn is the answer (HuggingFaceH4/ultrafeedback_binarized); the chosen list's earlier turns are the prompt."""
+    for column in ("prompt", "chosen", "rejected"):
+        if row.get(column) is None:
+            raise DataError(f"missing '{column}'")
+    chosen, rejected = _response(row["chosen"], "chosen"), _response(row["rejected"], "rejected")
+    if isinstance(row["chosen"], list) and len(row["chosen"]) > 1:
+        prompt = [{"role": m["role"], "content": m["content"]} for m in row["chosen"][:-1]]
+    elif isinstance(row["prompt"], str) and row["prompt"].strip():
+        prompt = [{"role": "user", "content": row["prompt"]}]
+    else:
+        raise DataError("'prompt' is empty")
+    return {"messages": [*prompt, {"role": "assistant", "content": chosen}], "rejected": rejected, "reference": chosen}
+
+
+# name: (adapter, columns that identify the format, the kind of training it feeds)
+FORMATS: dict[str, tuple[Callable[[dict], dict], set[str], str]] = {
+    "messages": (_messages_row, {"messages"}, "sft"),
+    "gsm8k": (_gsm8k_row, {"question", "answer"}, "sft"),
+    "preference": (_preference_row, {"prompt", "chosen", "rejected"}, "preference"),
 }
+PREFERENCE_TYPES = ("dpo", "bt")
 
 
-def detect_format(columns: list[str], requested: str, dataset_name: str) -> str:
-    """The --dataset-source to use for a dataset with these columns."""
+def detect_format(columns: list[str], requested: str, dataset_name: str, training_type: str = "sft") -> str:
+    """The --dataset-source to use for a dataset with these columns and this --training-type."""
+    kind = "preference" if training_type in PREFERENCE_TYPES else "sft"
     if requested != "auto":
         missing = FORMATS[requested][1] - set(columns)
         if missing:
             raise DataError(f"--dataset-source {requested}: {dataset_name} lacks column(s) {sorted(missing)}; it has {columns}")
+        if FORMATS[requested][2] != kind:
+            raise DataError(f"--dataset-source {requested} holds {FORMATS[requested][2]} data; --training-type {training_type} needs {kind} data")
         return requested
-    for name, (_, needed) in FORMATS.items():
+    candidates = {k: v for k, v in FORMATS.items() if v[2] == kind}
+    for name, (_, needed, _) in candidates.items():
         if needed <= set(columns):
             return name
     raise DataError(
         f"cannot tell the row format of {dataset_name} from its columns {columns}; "
-        f"known formats: {', '.join(f'{k} {sorted(v[1])}' for k, v in FORMATS.items())}"
+        f"--training-type {training_type} reads: {', '.join(f'{k} {sorted(v[1])}' for k, v in candidates.items())}"
     )
 
 
@@ -78,7 +113,8 @@ def load_raw(cfg: TrainConfig):
 
         n_train = cfg.train_dataset_length or 5000
         n_test = cfg.test_dataset_length or 200
-        return synthetic_math.build_dataset(n_train, n_test, seed=cfg.seed, levels=cfg.levels())
+        pairs = cfg.training_type in PREFERENCE_TYPES  # correct vs wrong solutions
+        return synthetic_math.build_dataset(n_train, n_test, seed=cfg.seed, levels=cfg.levels(), pairs=pairs)
     if path.is_dir():
         loaded = datasets.load_from_disk(str(path))
     elif path.is_file():
@@ -98,6 +134,8 @@ def load_raw(cfg: TrainConfig):
         raise DataError(f"--dataset-name {name}: no training split among {list(loaded)} (looked for {TRAIN_SPLITS})")
     test = next((loaded[s] for s in TEST_SPLITS if s in loaded), None)
     if test is None:
+        # Keep each row's index in the file so errors name the row the user can find.
+        train = train.add_column(SOURCE_ROW, list(range(len(train))))
         carved = train.train_test_split(test_size=cfg.test_size, seed=cfg.seed)
         log.info("%s has no test split: carved %d rows (--test-size %s)", name, len(carved["test"]), cfg.test_size)
         train, test = carved["train"], carved["test"]
@@ -105,8 +143,8 @@ def load_raw(cfg: TrainConfig):
 
 
 def text_length(row: dict[str, Any]) -> int:
-    """Characters of all message contents of a normalised row: the measure the percentile filter uses."""
-    return sum(len(m["content"]) for m in row["messages"])
+    """Characters of all message contents (and the rejected answer) of a normalised row: what the percentile filter uses."""
+    return sum(len(m["content"]) for m in row["messages"]) + len(row.get("rejected", ""))
 
 
 def select_rows(rows: list[dict], percentile: float, length: int | None, random_sample: bool, seed: int) -> list[dict]:
@@ -124,15 +162,23 @@ def select_rows(rows: list[dict], percentile: float, length: int | None, random_
     return rows
 
 
-def normalise(split, fmt: str, dataset_name: str, split_name: str) -> list[dict]:
-    """Apply the format adapter to every row; a bad row raises an error naming it."""
+def normalise(split, fmt: str, dataset_name: str, split_name: str, invalid_rows: str = "error") -> list[dict]:
+    """Apply the format adapter to every row. A bad row raises an error naming it, or with
+    ``invalid_rows='skip'`` is left out and counted (each reason printed with its count and first row)."""
     adapter = FORMATS[fmt][0]
-    out = []
+    out, skipped = [], {}
     for i, row in enumerate(split):
+        i = row.get(SOURCE_ROW, i)
         try:
-            out.append(adapter(row))
-        except (DataError, KeyError, TypeError) as exc:
-            raise DataError(f"{dataset_name} [{split_name}] row {i}: {exc!s} (format {fmt})") from exc
+            out.append({**adapter(row), "row": i})
+        except (DataError, KeyError, TypeError, AttributeError) as exc:
+            message = f"{exc!s}" if isinstance(exc, DataError) else f"malformed row ({type(exc).__name__}: {exc!s})"
+            if invalid_rows == "error":
+                raise DataError(f"{dataset_name} [{split_name}] row {i}: {message} (format {fmt}; "
+                                "--invalid-rows skip leaves such rows out)") from exc
+            skipped.setdefault(message, []).append(i)
+    for message, rows in skipped.items():
+        print(f"{split_name}: skipped {len(rows)} invalid row(s): {message} (first: row {rows[0]})")
     return out
 
 
@@ -148,15 +194,15 @@ class CustomDataset(torch.utils.data.Dataset):
     def splits(cls, cfg: TrainConfig) -> tuple[CustomDataset, CustomDataset]:
         """Train and validation datasets for ``cfg``, with every selection flag applied."""
         raw = load_raw(cfg)
-        fmt = detect_format(raw["train"].column_names, cfg.dataset_source, cfg.dataset_name)
-        train = normalise(raw["train"], fmt, cfg.dataset_name, "train")
+        fmt = detect_format(raw["train"].column_names, cfg.dataset_source, cfg.dataset_name, cfg.training_type)
+        train = normalise(raw["train"], fmt, cfg.dataset_name, "train", cfg.invalid_rows)
         train = select_rows(train, cfg.train_percentile, cfg.train_dataset_length, cfg.dataset_random_sample, cfg.seed)
         if not train:
             raise DataError(f"--dataset-name {cfg.dataset_name}: no training rows left after selection")
         if cfg.sanity_train:  # one object: validation sees exactly what training sees
             same = cls(train, fmt)
             return same, same
-        test = normalise(raw["test"], fmt, cfg.dataset_name, "test")
+        test = normalise(raw["test"], fmt, cfg.dataset_name, "test", cfg.invalid_rows)
         test = select_rows(test, cfg.test_percentile, cfg.test_dataset_length, cfg.dataset_random_sample, cfg.seed)
         if not test:
             raise DataError(f"--dataset-name {cfg.dataset_name}: no test rows left after selection")

@@ -75,6 +75,14 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
+def model_fingerprint(name: str) -> str:
+    """Identifies a model's weights for cache keys: a local folder by its files' names, sizes and times."""
+    path = Path(resolve_model_path(name))
+    if not path.is_dir():
+        return name
+    return ";".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(path.iterdir()) if p.is_file())
+
+
 def load_tokenizer(name: str):
     """Tokenizer with a pad token and a chat template (ChatML if the model has none)."""
     from transformers import AutoTokenizer
@@ -93,3 +101,59 @@ def load_causal_lm(name: str, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(resolve_model_path(name), dtype=dtype)
+
+
+def load_reward_model(name: str, dtype: torch.dtype = torch.float32):
+    """A sequence-classification model with one output (the reward head), from a causal LM or a reward model.
+
+    Starting from a causal LM, the head is new (randomly initialised) and the rest is the LM's body.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    path = resolve_model_path(name)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = load_tokenizer(name).pad_token_id
+    return model
+
+
+def sequence_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Scalar reward of each sequence, read at its last real token.
+
+    Read from the attention mask rather than from the pad id (as Hugging Face's classification heads do),
+    because many chat models pad with their end-of-turn token, which also ends every answer.
+
+    Args:
+        input_ids, attention_mask: (N, T), right-padded.
+
+    Returns:
+        (N,) float32 rewards.
+    """
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (N, T, H)
+    last = attention_mask.sum(-1) - 1  # (N,) index of the last real token
+    return model.score(hidden[torch.arange(hidden.shape[0], device=hidden.device), last]).squeeze(-1).float()
+
+
+@torch.no_grad()
+def score_responses(model, tokenizer, prompts: list[str | list[dict]], responses: list[str], batch_size: int = 8
+                    ) -> list[float]:
+    """Rewards of (prompt, response) pairs under a Bradley-Terry reward model: the local judge for win rates.
+
+    Args:
+        prompts: user messages, or conversations whose final assistant turn ``responses`` supply.
+        responses: the assistant answers to score.
+    """
+    from collate_functions import render
+
+    texts = []
+    for prompt, response in zip(prompts, responses):
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        texts.append(render(tokenizer, [*messages, {"role": "assistant", "content": response}]))
+    model.eval()
+    scores: list[float] = []
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[i:i + batch_size], add_special_tokens=False, padding=True, padding_side="right",
+                        return_tensors="pt")
+        enc = {k: v.to(model.device) for k, v in enc.items()}
+        scores += sequence_rewards(model, enc["input_ids"], enc["attention_mask"]).tolist()
+    return scores

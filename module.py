@@ -8,6 +8,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
@@ -18,13 +19,21 @@ from collate_functions import (
     LengthGroupedBatchSampler,
     PlannedDataset,
     SFTCollator,
+    feature_length,
     generation_prompt_ids,
-    target_count,
+    loss_units,
 )
 from config import TrainConfig
 from custom_dataset import CustomDataset
+from losses.bt import bt_loss
+from losses.dpo import dpo_loss, sequence_logps
 from losses.logprobs import token_logprobs
+from losses.sft import sft_loss
 from metrics import answers_match, edit_distance
+from models import sequence_rewards
+
+# A step turns a batch into (mean loss, metrics to log, loss units in the batch: answer tokens or pairs).
+Step = Callable[["PostTrainingModule", dict], tuple[torch.Tensor, dict, torch.Tensor]]
 
 # The module restores the data position itself (see on_load_checkpoint), so Lightning's advice does not apply.
 warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
@@ -34,6 +43,29 @@ warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 def _first(plan: BatchPlan | dict) -> BatchPlan | dict:
     """collate_fn of the planned loaders: the dataset already returns a collated batch."""
     return plan
+
+
+def sft_step(module: PostTrainingModule, batch: dict) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    logps, mask = token_logprobs(module.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    loss, metrics = sft_loss(logps, mask)
+    return loss, {}, metrics["tokens"]
+
+
+def dpo_step(module: PostTrainingModule, batch: dict) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    """Chosen rows 0..B-1 and rejected rows B..2B-1 in one forward pass of the policy."""
+    logps, mask = token_logprobs(module.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    policy = sequence_logps(logps, mask)  # (2B,)
+    ref = batch["ref_logps"].to(policy) if "ref_logps" in batch else module.reference_logps(batch)
+    pairs = policy.shape[0] // 2
+    loss, metrics = dpo_loss(policy[:pairs], policy[pairs:], ref[:pairs], ref[pairs:], module.cfg.beta)
+    return loss, metrics, torch.tensor(pairs)
+
+
+def bt_step(module: PostTrainingModule, batch: dict) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    rewards = sequence_rewards(module.model, batch["input_ids"], batch["attention_mask"])  # (2B,)
+    pairs = rewards.shape[0] // 2
+    loss, metrics = bt_loss(rewards[:pairs], rewards[pairs:])
+    return loss, metrics, torch.tensor(pairs)
 
 
 def cosine_with_warmup(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -48,24 +80,33 @@ class PostTrainingModule(pl.LightningModule):
     """Wraps a Hugging Face causal LM and the datasets of one run."""
 
     def __init__(self, cfg: TrainConfig, model, tokenizer, train_set: CustomDataset, val_set: CustomDataset,
-                 loss_fn: Callable):
+                 step: Step = sft_step, collator: SFTCollator | None = None, ref_model=None, generates: bool = True):
         super().__init__()
         self.cfg, self.model, self.tokenizer = cfg, model, tokenizer
         self.train_set, self.val_set = train_set, val_set
-        self.loss_fn = loss_fn  # from train.TRAINING_TYPES: (token_logps, mask, normalizer) -> (loss, metrics)
+        self.step, self.generates = step, generates  # from train.TRAINING_TYPES
+        self.collator = collator or SFTCollator(tokenizer.pad_token_id)
         self.model.train()  # from_pretrained returns eval mode; Lightning expects the training mode at fit start
-        self.collator = SFTCollator(tokenizer.pad_token_id)
+        self.ref_model = ref_model  # frozen; left out of checkpoints (rebuilt from the config on resume)
+        if ref_model is not None:
+            ref_model.eval().requires_grad_(False)
         self._data_position: dict | None = None  # {"epoch", "batches"} consumed, saved in checkpoints
         self._resume_position: dict | None = None
         self._clock = 0.0
         self.last_generations: list[dict] = []
         self.last_validated_step: int | None = None
 
+    @torch.no_grad()
+    def reference_logps(self, batch: dict) -> torch.Tensor:
+        """log pi_ref(y | x) of every sequence of the batch, (N,)."""
+        logps, mask = token_logprobs(self.ref_model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        return sequence_logps(logps, mask)
+
     # ---- data -------------------------------------------------------------------------------
     def _loader(self, dataset: CustomDataset, shuffle: bool, world: int, rank: int) -> torch.utils.data.DataLoader:
         sampler = LengthGroupedBatchSampler(
-            lengths=[len(f["input_ids"]) for f in dataset.features],
-            targets=[target_count(f) for f in dataset.features],
+            lengths=[feature_length(f) for f in dataset.features],
+            targets=[loss_units(f) for f in dataset.features],
             batch_size=self.cfg.batch_size,
             accumulate=self.cfg.accumulate_grad_batches if shuffle else 1,
             shuffle=shuffle, seed=self.cfg.seed, rank=rank, world_size=world,
@@ -102,16 +143,18 @@ class PostTrainingModule(pl.LightningModule):
         self.log(name, value if exact else torch.round(value, decimals=self.cfg.roundoff), **kwargs)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        logps, mask = token_logprobs(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-        # Lightning divides by the accumulation count and DDP averages over workers; undo both so the
-        # loss is (sum of answer-token NLL) / (answer tokens in the window, all workers).
+        loss, metrics, units = self.step(self, batch)
+        # Lightning divides by the accumulation count and DDP averages over workers; undo both so the loss is
+        # (sum over the batch's tokens or pairs) / (tokens or pairs in the whole window, all workers).
         scale = self.trainer.accumulate_grad_batches * self.trainer.world_size
-        loss, metrics = self.loss_fn(logps, mask, batch["window_tokens"].float() / scale)
         self._data_position = {"epoch": self.current_epoch, "batches": batch_idx + 1}
-        self._log("train/loss", metrics["nll"], prog_bar=True)
+        self._log("train/loss", loss.detach(), prog_bar=True)
+        for name, value in metrics.items():
+            self._log(f"train/{name}", value)
         self._log("train/lr", self.lr_schedulers().get_last_lr()[0], exact=True)
-        self._log("step", self.global_step)  # monitored by the checkpoint callback to keep the newest
-        return loss
+        # Monitored by the checkpoint callback to keep the newest; counts this step (global_step is pre-increment here).
+        self._log("trained_steps", self.global_step + 1)
+        return loss * units / (batch["window_units"].float() / scale)
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         self._clock = time.perf_counter()
@@ -122,16 +165,18 @@ class PostTrainingModule(pl.LightningModule):
 
     # ---- validation -------------------------------------------------------------------------
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        logps, mask = token_logprobs(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-        _, metrics = self.loss_fn(logps, mask)
-        # Weighted by tokens, the epoch mean is the token-level mean NLL over the whole split.
-        self._log("val/loss", metrics["nll"], batch_size=int(metrics["tokens"]), prog_bar=True, sync_dist=True)
+        loss, metrics, units = self.step(self, batch)
+        # Weighted by tokens (or pairs), the epoch mean is the mean over the whole split.
+        n = int(units)
+        self._log("val/loss", loss, batch_size=n, prog_bar=True, sync_dist=True)
+        for name, value in metrics.items():
+            self._log(f"val/{name}", value, batch_size=n, sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
             return
         self.last_validated_step = self.global_step
-        if self.cfg.val_generate_samples == 0:
+        if self.cfg.val_generate_samples == 0 or not self.generates:
             return
         rows = self.val_set.rows[: self.cfg.val_generate_samples]
         answers = self.generate([r["messages"] for r in rows])
@@ -183,3 +228,38 @@ class PostTrainingModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._resume_position = checkpoint.get("data_position")
+
+    def state_dict(self, *args, **kwargs) -> dict:
+        """The trained weights only: the frozen reference is rebuilt from --model-name/--ref-model-name."""
+        return {k: v for k, v in super().state_dict(*args, **kwargs).items() if not k.startswith("ref_model.")}
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        if self.ref_model is not None:  # keep the reference's own weights
+            state_dict = {**{f"ref_model.{k}": v for k, v in self.ref_model.state_dict().items()}, **state_dict}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+@torch.no_grad()
+def precompute_reference_logps(ref_model, datasets: list[CustomDataset], collator, batch_size: int, cache: Path,
+                               verbose: bool = True) -> None:
+    """Give every feature ``ref_logps`` = (log pi_ref(chosen | x), log pi_ref(rejected | x)), computed in one pass
+    (or read from ``cache``, a file keyed by reference model and data), so training needs no reference model."""
+    features = [f for d in datasets for f in d.features]
+    if cache.is_file():
+        values = torch.load(cache)
+        print(f"reference log-probs read from {cache}")
+    else:
+        ref_model.eval()
+        values = torch.empty(len(features), 2, dtype=torch.float64)
+        starts = range(0, len(features), batch_size)
+        for i in tqdm(starts, desc="reference log-probs", disable=not verbose):
+            batch = collator(features[i:i + batch_size])
+            logps, mask = token_logprobs(ref_model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+            seq = sequence_logps(logps, mask)
+            n = seq.shape[0] // 2
+            values[i:i + n] = torch.stack([seq[:n], seq[n:]], dim=1).double()
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(values, cache.with_suffix(".tmp"))
+        cache.with_suffix(".tmp").replace(cache)  # atomic: an interrupted pass leaves no half cache
+    for feature, (chosen, rejected) in zip(features, values.tolist()):
+        feature["ref_logps"] = (chosen, rejected)

@@ -325,7 +325,14 @@ def to_row(problem: Problem) -> dict:
     }
 
 
-def build_dataset(n_train: int, n_test: int, seed: int, levels: tuple[int, ...] = (1, 2, 3)) -> "datasets.DatasetDict":
+def to_pair_row(problem: Problem, seed: int) -> dict:
+    """`to_row` plus a preference pair: `prompt` (the question), `chosen` (correct) and `rejected` (wrong) solutions."""
+    rejected, _ = wrong_solution(problem, random.Random(f"{seed}-{problem.id}"))
+    return {**to_row(problem), "prompt": problem.question, "chosen": correct_solution(problem), "rejected": rejected}
+
+
+def build_dataset(n_train: int, n_test: int, seed: int, levels: tuple[int, ...] = (1, 2, 3),
+                  pairs: bool = False) -> "datasets.DatasetDict":
     """A `DatasetDict` with "train" and "test" splits of distinct problems (no shared question).
 
     Args:
@@ -333,11 +340,12 @@ def build_dataset(n_train: int, n_test: int, seed: int, levels: tuple[int, ...] 
         n_test: Rows in "test".
         seed: Seeds the generator.
         levels: Difficulty levels, cycled within each split.
+        pairs: Add DPO/reward-model columns `prompt`, `chosen`, `rejected` (see `to_pair_row`).
     """
     import datasets  # lazy: the generator itself needs only the standard library
 
     problems = generate_problems(n_train + n_test, seed, levels)
-    rows = [to_row(p) for p in problems]
+    rows = [to_pair_row(p, seed) if pairs else to_row(p) for p in problems]
     return datasets.DatasetDict({
         "train": datasets.Dataset.from_list(rows[:n_train]),
         "test": datasets.Dataset.from_list(rows[n_train:]),

@@ -17,23 +17,38 @@ Print the resolved configuration without running anything:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import sys
 import time
 from collections import Counter
 from pathlib import Path
 
-from collate_functions import ChatTemplateError, tokenize_chat
+from collate_functions import (
+    INVALID_PROMPT,
+    ChatTemplateError,
+    PreferenceCollator,
+    SFTCollator,
+    tokenize_pair,
+    tokenize_sft,
+)
 from config import ConfigError, TrainConfig, redact, resolve, save, to_yaml
 from custom_dataset import CustomDataset, DataError
-from losses.sft import sft_loss
+from models import load_causal_lm, load_reward_model
+from module import bt_step, dpo_step, sft_step
 
 log = logging.getLogger("train")
 
-# What each training type runs: how a row becomes token ids and labels, and the loss on them.
-# Only 'sft' is available yet; config.validate refuses the others with a clear message until they land.
+# What each training type runs: how a row becomes features, how features become a batch, which model is
+# trained, the step that turns a batch into a loss (module.py, with the loss itself in losses/), and whether
+# validation also generates answers. sft_verifier is refused by config.validate until its issue lands.
 TRAINING_TYPES = {
-    "sft": {"tokenize": tokenize_chat, "loss": sft_loss},
+    "sft": {"tokenize": tokenize_sft, "collator": SFTCollator, "model": load_causal_lm, "step": sft_step, "generates": True},
+    "dpo": {"tokenize": tokenize_pair, "collator": PreferenceCollator, "model": load_causal_lm, "step": dpo_step,
+            "generates": True},
+    "bt": {"tokenize": tokenize_pair, "collator": PreferenceCollator, "model": load_reward_model, "step": bt_step,
+           "generates": False},
 }
 
 
@@ -48,7 +63,10 @@ def prepare_data(cfg: TrainConfig, tokenizer):
             break
         kept, features, outcome = [], [], Counter()
         for row in tqdm(dataset.rows, desc=f"tokenizing {split}", disable=not cfg.verbose, leave=False):
-            feature, status = tokenize(tokenizer, row["messages"], cfg.max_length, cfg.overlong)
+            feature, status = tokenize(tokenizer, row, cfg.max_length, cfg.overlong)
+            if status == INVALID_PROMPT and cfg.invalid_rows == "error":
+                raise DataError(f"{cfg.dataset_name} [{split}] row {row['row']}: the prompt alone fills --max-length "
+                                f"{cfg.max_length} (--invalid-rows skip leaves such rows out)")
             outcome[status] += 1
             if feature is not None:
                 kept.append(row)
@@ -59,6 +77,28 @@ def prepare_data(cfg: TrainConfig, tokenizer):
         if not features:
             raise ConfigError([f"--max-length {cfg.max_length}: no {split} row fits; raise it or use --overlong truncate"])
     return train_set, val_set
+
+
+def reference_model(cfg: TrainConfig, tokenizer, datasets: list[CustomDataset], collator):
+    """DPO's frozen reference (--ref-model-name, else the starting model), or None once its log-probs are
+    precomputed into the features (--precompute-ref-logps): then only the policy stays in memory."""
+    from models import cache_dir, model_fingerprint
+    from module import precompute_reference_logps
+
+    name = cfg.ref_model_name or cfg.model_name
+    ref = load_causal_lm(name)
+    if not cfg.precompute_ref_logps:
+        return ref
+    key = hashlib.sha256(json.dumps({
+        "model": model_fingerprint(name), "tokenizer": tokenizer.name_or_path,
+        "features": [[f["chosen_input_ids"], f["chosen_labels"], f["rejected_input_ids"], f["rejected_labels"]]
+                     for d in datasets for f in d.features],
+    }).encode()).hexdigest()[:24]
+    unique = list({id(d): d for d in datasets}.values())  # --sanity-train: train and validation are one object
+    precompute_reference_logps(ref, unique, collator, cfg.batch_size * 2, cache_dir() / "ref_logps" / f"{key}.pt",
+                               verbose=cfg.verbose)
+    del ref
+    return None
 
 
 def checkpoint_path(cfg: TrainConfig) -> str | None:
@@ -80,7 +120,7 @@ def build_trainer(cfg: TrainConfig, callbacks: list | None = None):
     every = {"every_n_train_steps": cfg.checkpoint_every_n_steps} if cfg.checkpoint_every_n_steps else {
         "every_n_epochs": cfg.checkpoint_frequency}
     checkpoint = ModelCheckpoint(
-        dirpath=cfg.run_dir / "checkpoints", filename="{epoch}-{step}", monitor="step", mode="max",
+        dirpath=cfg.run_dir / "checkpoints", filename="{epoch}-{step}", monitor="trained_steps", mode="max",
         save_top_k=cfg.ckpt_to_keep, save_last="link", **every,  # last.ckpt links the newest, no 2nd copy
     )
     return pl.Trainer(
@@ -114,7 +154,7 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> dict:
     """Train (or test) as ``cfg`` says; returns the validation metrics before/after and the run folder."""
     import pytorch_lightning as pl
 
-    from models import load_causal_lm, load_tokenizer
+    from models import load_tokenizer
     from module import PostTrainingModule
 
     ckpt = checkpoint_path(cfg)
@@ -123,8 +163,12 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> dict:
     save(cfg, cfg.run_dir)
     tokenizer = load_tokenizer(cfg.model_name)
     train_set, val_set = prepare_data(cfg, tokenizer)
-    model = load_causal_lm(cfg.model_name)
-    module = PostTrainingModule(cfg, model, tokenizer, train_set, val_set, TRAINING_TYPES[cfg.training_type]["loss"])
+    kind = TRAINING_TYPES[cfg.training_type]
+    collator = kind["collator"](tokenizer.pad_token_id)
+    model = kind["model"](cfg.model_name)
+    ref_model = reference_model(cfg, tokenizer, [train_set, val_set], collator) if cfg.training_type == "dpo" else None
+    module = PostTrainingModule(cfg, model, tokenizer, train_set, val_set, step=kind["step"], collator=collator,
+                                ref_model=ref_model, generates=kind["generates"])
     trainer = build_trainer(cfg, callbacks)
     results: dict = {"run_dir": str(cfg.run_dir)}
     started = time.time()

@@ -49,7 +49,7 @@ def test_overlong_rows_are_dropped_or_truncated(char_tokenizer):
     assert tokenize_chat(char_tokenizer, messages, 22, "drop") == (None, "dropped: longer than --max-length")
     f, status = tokenize_chat(char_tokenizer, messages, 22, "truncate")
     assert status == "truncated" and _learned(char_tokenizer, f) == "_" * 21 + "Y"
-    assert tokenize_chat(char_tokenizer, messages, 21, "truncate") == (None, "dropped: no answer tokens left within --max-length")
+    assert tokenize_chat(char_tokenizer, messages, 21, "truncate") == (None, "invalid: the prompt alone fills --max-length")
 
 
 def test_generation_prompt_ends_with_the_assistant_header(char_tokenizer):
@@ -63,7 +63,7 @@ def test_collator_pads_right_and_masks_padding():
     torch.testing.assert_close(batch["input_ids"], torch.tensor([[5, 6, 7], [8, 9, 0]]))
     torch.testing.assert_close(batch["attention_mask"], torch.tensor([[1, 1, 1], [1, 1, 0]]))
     torch.testing.assert_close(batch["labels"], torch.tensor([[-100, 6, 7], [-100, 9, -100]]))
-    assert int(batch["window_tokens"]) == 3
+    assert int(batch["window_units"]) == 3
 
 
 def _sampler(**kw):
@@ -85,22 +85,22 @@ def test_sampler_covers_every_row_once_groups_lengths_and_reshuffles_per_epoch()
     assert [p.indices for p in s] != epoch0
 
 
-def test_sampler_window_tokens_and_skip():
+def test_sampler_window_units_and_skip():
     s = _sampler(accumulate=2)
     plans = list(s)
     for k, p in enumerate(plans):
         w0 = k - k % 2
         window = [i for q in plans[w0:w0 + 2] for i in q.indices]
-        assert p.window_tokens == sum(s.targets[i] for i in window)
+        assert p.window_units == sum(s.targets[i] for i in window)
     s.skip_batches(0, 4)
     assert list(s) == plans[4:]
     assert list(s) == plans  # the skip applies once
 
 
-def test_sampler_shards_ranks_with_global_window_tokens():
+def test_sampler_shards_ranks_with_global_window_units():
     whole = _sampler(batch_size=2).plan(0)
     ranks = [list(_sampler(batch_size=2, rank=r, world_size=2)) for r in range(2)]
     assert [p.indices for p in ranks[0]] == [tuple(b) for b in whole[0::2]]
     assert [p.indices for p in ranks[1]] == [tuple(b) for b in whole[1::2]]
     for p0, p1 in zip(*ranks):  # both ranks normalise by the same (global) token count
-        assert p0.window_tokens == p1.window_tokens
+        assert p0.window_units == p1.window_units
