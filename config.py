@@ -64,7 +64,8 @@ class TrainConfig:
         "Hub dataset id, local file (.jsonl/.json/.parquet) or save_to_disk folder, or 'synthetic-math' (built in, offline).",
     )
     dataset_source: str = _f(
-        "auto", "Row format of the dataset; 'auto' detects it from the columns.", choices=("auto", "messages", "gsm8k")
+        "auto", "Row format of the dataset; 'auto' detects it from the columns.",
+        choices=("auto", "messages", "gsm8k", "preference")
     )
     train_percentile: float = _f(100.0, "Keep training rows whose text length is at or below this percentile (0-100].")
     test_percentile: float = _f(100.0, "Keep test rows whose text length is at or below this percentile (0-100].")

@@ -108,12 +108,12 @@ def load_raw(cfg: TrainConfig):
 
     name = cfg.dataset_name
     path = Path(name)
+    pairs = cfg.training_type in PREFERENCE_TYPES
     if name == "synthetic-math":
         import synthetic_math
 
         n_train = cfg.train_dataset_length or 5000
         n_test = cfg.test_dataset_length or 200
-        pairs = cfg.training_type in PREFERENCE_TYPES  # correct vs wrong solutions
         return synthetic_math.build_dataset(n_train, n_test, seed=cfg.seed, levels=cfg.levels(), pairs=pairs)
     if path.is_dir():
         loaded = datasets.load_from_disk(str(path))
@@ -129,10 +129,14 @@ def load_raw(cfg: TrainConfig):
         loaded = datasets.load_dataset(repo, subset or None)
     if isinstance(loaded, datasets.Dataset):
         loaded = datasets.DatasetDict({"train": loaded})
-    train = next((loaded[s] for s in TRAIN_SPLITS if s in loaded), None)
+    def first_split(names: tuple[str, ...]):
+        # HuggingFaceH4/ultrafeedback_binarized has *_sft and *_prefs splits: preference training reads *_prefs.
+        ordered = sorted(names, key=lambda n: pairs and not n.endswith("_prefs"))
+        return next((loaded[s] for s in ordered if s in loaded), None)
+
+    train, test = first_split(TRAIN_SPLITS), first_split(TEST_SPLITS)
     if train is None:
         raise DataError(f"--dataset-name {name}: no training split among {list(loaded)} (looked for {TRAIN_SPLITS})")
-    test = next((loaded[s] for s in TEST_SPLITS if s in loaded), None)
     if test is None:
         # Keep each row's index in the file so errors name the row the user can find.
         train = train.add_column(SOURCE_ROW, list(range(len(train))))

@@ -157,3 +157,25 @@ def score_responses(model, tokenizer, prompts: list[str | list[dict]], responses
         enc = {k: v.to(model.device) for k, v in enc.items()}
         scores += sequence_rewards(model, enc["input_ids"], enc["attention_mask"]).tolist()
     return scores
+
+
+@torch.no_grad()
+def generate_from_prompts(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, **generate_kwargs) -> list[str]:
+    """Answers to prompt token ids (e.g. ``collate_functions.generation_prompt_ids``), in one left-padded batch,
+    stopping at the tokenizer's end-of-sequence or ChatML's ``<|im_end|>``; ``generate_kwargs`` go to ``generate``
+    (sampling settings, ``num_return_sequences``: its answers come out adjacent). Returns stripped answers in order."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)  # (B, T)
+    attention = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):  # left padding, so every answer starts at column `width`
+        ids[row, width - len(p):] = torch.tensor(p)
+        attention[row, width - len(p):] = 1
+    stop = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")} - {None, tokenizer.unk_token_id}
+    was_training = model.training
+    model.eval()
+    generated = model.generate(
+        input_ids=ids.to(model.device), attention_mask=attention.to(model.device), max_new_tokens=max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(stop), **generate_kwargs,
+    )
+    model.train(was_training)
+    return [text.strip() for text in tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)]

@@ -30,7 +30,7 @@ from losses.dpo import dpo_loss, sequence_logps
 from losses.logprobs import token_logprobs
 from losses.sft import sft_loss
 from metrics import answers_match, edit_distance
-from models import sequence_rewards
+from models import generate_from_prompts, sequence_rewards
 
 # A step turns a batch into (mean loss, metrics to log, loss units in the batch: answer tokens or pairs).
 Step = Callable[["PostTrainingModule", dict], tuple[torch.Tensor, dict, torch.Tensor]]
@@ -194,31 +194,14 @@ class PostTrainingModule(pl.LightningModule):
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("".join(json.dumps(g) + "\n" for g in self.last_generations))
 
-    @torch.no_grad()
     def generate(self, conversations: list[list[dict]]) -> list[str]:
         """Greedy answers to the last user turn of each conversation (its final assistant turn is the reference)."""
-        tok = self.tokenizer
-        stop = {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")} - {None, tok.unk_token_id}
-        was_training = self.model.training
-        self.model.eval()
-        out = []
         size = max(self.cfg.batch_size, 16)
         starts = range(0, len(conversations), size)
-        for i in tqdm(starts, desc="generating validation answers", disable=not self.cfg.verbose, leave=False):
-            prompts = [generation_prompt_ids(tok, c) for c in conversations[i:i + size]]
-            width = max(len(p) for p in prompts)
-            ids = torch.full((len(prompts), width), tok.pad_token_id, dtype=torch.long)
-            attention = torch.zeros_like(ids)
-            for row, p in enumerate(prompts):  # left padding, so every answer starts at column `width`
-                ids[row, width - len(p):] = torch.tensor(p)
-                attention[row, width - len(p):] = 1
-            generated = self.model.generate(
-                input_ids=ids.to(self.device), attention_mask=attention.to(self.device), do_sample=False,
-                max_new_tokens=self.cfg.max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=sorted(stop),
-            )
-            out += tok.batch_decode(generated[:, width:], skip_special_tokens=True)
-        self.model.train(was_training)
-        return [a.strip() for a in out]
+        return [answer for i in tqdm(starts, desc="generating validation answers", disable=not self.cfg.verbose, leave=False)
+                for answer in generate_from_prompts(
+                    self.model, self.tokenizer, [generation_prompt_ids(self.tokenizer, c) for c in conversations[i:i + size]],
+                    self.cfg.max_new_tokens, do_sample=False)]
 
     # ---- checkpoints ------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -344,9 +344,11 @@ def build_dataset(n_train: int, n_test: int, seed: int, levels: tuple[int, ...] 
     """
     import datasets  # lazy: the generator itself needs only the standard library
 
-    problems = generate_problems(n_train + n_test, seed, levels)
+    # The stream of problems is prefix-stable, so taking the test split first keeps it the same whatever n_train:
+    # an SFT run and a later DPO run with fewer training rows are evaluated on the same held-out problems.
+    problems = generate_problems(n_test + n_train, seed, levels)
     rows = [to_pair_row(p, seed) if pairs else to_row(p) for p in problems]
     return datasets.DatasetDict({
-        "train": datasets.Dataset.from_list(rows[:n_train]),
-        "test": datasets.Dataset.from_list(rows[n_train:]),
+        "train": datasets.Dataset.from_list(rows[n_test:]),
+        "test": datasets.Dataset.from_list(rows[:n_test]),
     })

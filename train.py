@@ -86,18 +86,17 @@ def reference_model(cfg: TrainConfig, tokenizer, datasets: list[CustomDataset], 
     from module import precompute_reference_logps
 
     name = cfg.ref_model_name or cfg.model_name
-    ref = load_causal_lm(name)
     if not cfg.precompute_ref_logps:
-        return ref
+        return load_causal_lm(name)
+    unique = list({id(d): d for d in datasets}.values())  # --sanity-train: train and validation are one object
     key = hashlib.sha256(json.dumps({
         "model": model_fingerprint(name), "tokenizer": tokenizer.name_or_path,
         "features": [[f["chosen_input_ids"], f["chosen_labels"], f["rejected_input_ids"], f["rejected_labels"]]
-                     for d in datasets for f in d.features],
+                     for d in unique for f in d.features],
     }).encode()).hexdigest()[:24]
-    unique = list({id(d): d for d in datasets}.values())  # --sanity-train: train and validation are one object
-    precompute_reference_logps(ref, unique, collator, cfg.batch_size * 2, cache_dir() / "ref_logps" / f"{key}.pt",
-                               verbose=cfg.verbose)
-    del ref
+    cache = cache_dir() / "ref_logps" / f"{key}.pt"
+    ref = None if cache.is_file() else load_causal_lm(name)  # a cached pass needs no reference model at all
+    precompute_reference_logps(ref, unique, collator, cfg.batch_size * 2, cache, verbose=cfg.verbose)
     return None
 
 

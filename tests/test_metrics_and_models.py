@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import models
-from metrics import answers_match, edit_distance, final_answer
+from metrics import answer_text, answers_match, edit_distance
 
 
 @pytest.mark.parametrize(("a", "b", "distance"), [("", "", 0), ("abc", "", 3), ("kitten", "sitting", 3),
@@ -14,16 +14,19 @@ def test_edit_distance(a, b, distance):
     assert edit_distance(a, b) == distance == edit_distance(b, a)
 
 
-def test_final_answer_prefers_the_marked_answer():
-    assert final_answer("3 + 4 = 7.\n#### 7") == "7"
-    assert final_answer("I think 3, then 1,250 in total") == "1250"
-    assert final_answer("#### -3.5 dollars") == "-3.5"
-    assert final_answer("no number here") is None
+def test_answer_text_takes_the_first_line_after_the_last_marker():
+    assert answer_text("3 + 4 = 7.\n#### 7") == "7"
+    assert answer_text("#### 2\nNo wait\n#### 4\nThen 9 more") == "4"
+    assert answer_text("I think 3, then 1,250 in total") == "I think 3, then 1,250 in total"
 
 
-def test_answers_match_compares_exact_values():
-    assert answers_match("so it is 12.0", "... #### 12")
+def test_answers_match_uses_math_verify_equivalence():
+    assert answers_match("so the answer is 12.0", "... #### 12")
+    assert answers_match("#### 0.5", "1 / 2 = 0.5\n#### 1/2")
+    assert answers_match("#### 1,000 apples", "#### 1000")
+    assert answers_match("It has 3 + 4 = 7 then 1,250 in total", "#### 1250")  # no marker: the last number
     assert not answers_match("#### 13", "#### 12")
+    assert not answers_match("#### 12\nso 13 is wrong", "#### 13")
     assert not answers_match("I don't know", "#### 12")
 
 

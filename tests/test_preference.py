@@ -191,3 +191,22 @@ def test_short_bt_run_separates_chosen_from_rejected(tiny_model_dir, tmp_path):
     good = score_responses(judge, tokenizer, prompts, [f"yes {i}" for i in range(100, 110)])
     bad = score_responses(judge, tokenizer, prompts, [f"no {i}" for i in range(100, 110)])
     assert sum(g > b for g, b in zip(good, bad)) >= 9
+
+
+def test_ultrafeedback_layout_reads_prefs_splits_for_dpo_and_sft_splits_for_sft(tmp_path):
+    import datasets
+
+    def split(tag, n):
+        return datasets.Dataset.from_list([{
+            "prompt": f"{tag} {i}", "chosen": [{"role": "user", "content": f"{tag} {i}"}, {"role": "assistant", "content": "a"}],
+            "rejected": [{"role": "user", "content": f"{tag} {i}"}, {"role": "assistant", "content": "b"}],
+            "messages": [{"role": "user", "content": f"{tag} {i}"}, {"role": "assistant", "content": "a"}]} for i in range(n)])
+
+    folder = tmp_path / "uf"
+    datasets.DatasetDict({"train_sft": split("sft", 5), "test_sft": split("tsft", 2), "train_prefs": split("prefs", 4),
+                          "test_prefs": split("tprefs", 3)}).save_to_disk(str(folder))
+    dpo_train, dpo_test = CustomDataset.splits(_cfg(tmp_path, "--dataset-name", str(folder)))
+    assert (len(dpo_train), len(dpo_test), dpo_train.format) == (4, 3, "preference")
+    sft_cfg = resolve(["--storage-path", str(tmp_path), "--name", "s", "--dataset-name", str(folder)])[0]
+    sft_train, sft_test = CustomDataset.splits(sft_cfg)
+    assert (len(sft_train), len(sft_test), sft_train.format) == (5, 2, "messages")

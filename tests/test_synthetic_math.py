@@ -183,10 +183,18 @@ def test_to_row_and_build_dataset():
             assert row["answer"].splitlines()[-1] == f"#### {row['final_answer']}"
     assert set(dataset["train"]["level"]) == {1, 2, 3}
     problem = generate_problems(1, seed=3)[0]
-    assert to_row(problem) == dataset["train"][0]
+    assert to_row(problem) == dataset["test"][0]  # the held-out split comes first in the stream
     assert to_row(problem)["final_answer"] == str(problem.answer)
 
 
 def test_invalid_level_is_rejected():
     with pytest.raises(ValueError, match="level"):
         generate_problem(random.Random(0), 5, "x")
+
+
+def test_held_out_split_does_not_depend_on_the_training_size():
+    """SFT with 480 rows and DPO with 120 rows must be evaluated on the same held-out problems."""
+    big, small = build_dataset(n_train=48, n_test=10, seed=5), build_dataset(n_train=12, n_test=10, seed=5)
+    assert big["test"]["question"] == small["test"]["question"]
+    assert small["train"]["question"] == big["train"]["question"][:12]
+    assert not set(big["test"]["question"]) & set(big["train"]["question"])
