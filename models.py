@@ -78,8 +78,11 @@ def resolve_model_path(name: str) -> str:
 def model_fingerprint(name: str) -> str:
     """Identifies a model's weights for cache keys: a local folder by its files' names, sizes and times."""
     path = Path(resolve_model_path(name))
-    if not path.is_dir():
-        return name
+    if not path.is_dir():  # a hub id: the snapshot (commit) in the local Hugging Face cache tells revisions apart
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name, "config.json")
+        return f"{name}@{Path(cached).parent.name}" if isinstance(cached, str) else name
     return ";".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(path.iterdir()) if p.is_file())
 
 

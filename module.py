@@ -38,6 +38,8 @@ Step = Callable[["PostTrainingModule", dict], tuple[torch.Tensor, dict, torch.Te
 # The module restores the data position itself (see on_load_checkpoint), so Lightning's advice does not apply.
 warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+# DPO's frozen reference is in eval mode on purpose (Lightning restores module modes after validation).
+warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training.*")
 
 
 def _first(plan: BatchPlan | dict) -> BatchPlan | dict:
@@ -224,21 +226,24 @@ class PostTrainingModule(pl.LightningModule):
 
 @torch.no_grad()
 def precompute_reference_logps(ref_model, datasets: list[CustomDataset], collator, batch_size: int, cache: Path,
-                               verbose: bool = True) -> None:
+                               verbose: bool = True, autocast_bf16: bool = False) -> None:
     """Give every feature ``ref_logps`` = (log pi_ref(chosen | x), log pi_ref(rejected | x)), computed in one pass
-    (or read from ``cache``, a file keyed by reference model and data), so training needs no reference model."""
+    on the reference's device (``autocast_bf16`` as under --precision bf16-mixed), or read from ``cache``, a file
+    keyed by reference model, precision and data, so training needs no reference model."""
     features = [f for d in datasets for f in d.features]
     if cache.is_file():
         values = torch.load(cache)
         print(f"reference log-probs read from {cache}")
     else:
         ref_model.eval()
+        device = next(ref_model.parameters()).device
         values = torch.empty(len(features), 2, dtype=torch.float64)
         starts = range(0, len(features), batch_size)
         for i in tqdm(starts, desc="reference log-probs", disable=not verbose):
-            batch = collator(features[i:i + batch_size])
-            logps, mask = token_logprobs(ref_model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-            seq = sequence_logps(logps, mask)
+            batch = {k: v.to(device) for k, v in collator(features[i:i + batch_size]).items()}
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
+                logps, mask = token_logprobs(ref_model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+            seq = sequence_logps(logps, mask).cpu()
             n = seq.shape[0] // 2
             values[i:i + n] = torch.stack([seq[:n], seq[n:]], dim=1).double()
         cache.parent.mkdir(parents=True, exist_ok=True)

@@ -82,6 +82,8 @@ def prepare_data(cfg: TrainConfig, tokenizer):
 def reference_model(cfg: TrainConfig, tokenizer, datasets: list[CustomDataset], collator):
     """DPO's frozen reference (--ref-model-name, else the starting model), or None once its log-probs are
     precomputed into the features (--precompute-ref-logps): then only the policy stays in memory."""
+    import torch
+
     from models import cache_dir, model_fingerprint
     from module import precompute_reference_logps
 
@@ -90,13 +92,18 @@ def reference_model(cfg: TrainConfig, tokenizer, datasets: list[CustomDataset], 
         return load_causal_lm(name)
     unique = list({id(d): d for d in datasets}.values())  # --sanity-train: train and validation are one object
     key = hashlib.sha256(json.dumps({
-        "model": model_fingerprint(name), "tokenizer": tokenizer.name_or_path,
+        "model": model_fingerprint(name), "tokenizer": tokenizer.name_or_path, "precision": cfg.precision,
         "features": [[f["chosen_input_ids"], f["chosen_labels"], f["rejected_input_ids"], f["rejected_labels"]]
                      for d in unique for f in d.features],
     }).encode()).hexdigest()[:24]
     cache = cache_dir() / "ref_logps" / f"{key}.pt"
-    ref = None if cache.is_file() else load_causal_lm(name)  # a cached pass needs no reference model at all
-    precompute_reference_logps(ref, unique, collator, cfg.batch_size * 2, cache, verbose=cfg.verbose)
+    ref = None
+    if not cache.is_file():  # a cached pass needs no reference model at all
+        # The same numbers as a live reference would give: the run's device and precision.
+        dtype = torch.bfloat16 if cfg.precision == "bf16-true" else torch.float32
+        ref = load_causal_lm(name, dtype=dtype).to("cuda" if cfg.use_gpu else "cpu")
+    precompute_reference_logps(ref, unique, collator, cfg.batch_size * 2, cache, verbose=cfg.verbose,
+                               autocast_bf16=cfg.precision == "bf16-mixed")
     return None
 
 
