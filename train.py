@@ -58,8 +58,8 @@ def prepare_data(cfg: TrainConfig, tokenizer):
 
     tokenize = TRAINING_TYPES[cfg.training_type]["tokenize"]
     train_set, val_set = CustomDataset.splits(cfg)
-    for split, dataset in (("train", train_set), ("validation", val_set)):
-        if split == "validation" and dataset is train_set:
+    for split, dataset in (("train", train_set), ("test", val_set)):  # the test split validates
+        if split == "test" and dataset is train_set:
             break
         kept, features, outcome = [], [], Counter()
         for row in tqdm(dataset.rows, desc=f"tokenizing {split}", disable=not cfg.verbose, leave=False):
