@@ -1,0 +1,1 @@
+"""GenRM-CoT work: verification data and the scripts that build it."""

@@ -1,0 +1,395 @@
+"""Build GenRM-CoT verification data from the genrm-critiques release, or offline from synthetic_math.py.
+
+The result is a ``DatasetDict`` with four splits:
+
+- ``verify_train`` / ``verify_validation``: ``question_id``, ``question``, ``solution``, ``prompt`` (question,
+  solution and "Verification: Let's verify step by step."), ``rationale`` (ending with the line
+  "Verification: Is the answer correct (Yes/No)? Yes|No") and ``label`` ("Yes"/"No").
+- ``correct_train`` / ``correct_validation``: ``question_id``, ``question``, ``solution`` of the correct
+  solutions, deduplicated by (question_id, solution).
+
+``--path`` is a clone of genrm-star/genrm-critiques' ``critiques`` folder, in either layout (or both):
+
+- zipped jsonl batches ``critiques_{correct,incorrect}_solutions_batch_NN[_val].zip`` with rows
+  ``{inputs, targets, question_id, model_output_id}``; ``_val`` batches are the validation split;
+- ``data_collection/*.jsonl.gz`` with rows ``{question, question_id, model_output, correctness,
+  verifier_output, target, ...}``; a seeded ``--val-fraction`` of its question ids is held out for validation.
+
+The label is the verdict at the end of the rationale (markdown around it is tolerated, text after it dropped).
+A verification row is skipped, with its file, row number and reason, when its rationale has no verdict or its
+verdict disagrees with the row's known correctness (``correctness``, or the zip's correct/incorrect name).
+The correct-solutions part does not depend on the rationale: it takes every row known to be correct.
+
+    python extension/data_preparation.py --path genrm-critiques/critiques --output-dir /tmp/genrm-prep
+    python extension/data_preparation.py --source synthetic --num-problems 2000 --output-dir /tmp/synth-prep
+    HF_TOKEN=... python extension/data_preparation.py --path genrm-critiques/critiques --repo me/genrm-verify
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import random
+import re
+import sys
+import time
+import zipfile
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Run as `python extension/data_preparation.py` from the repo root: put the root on sys.path for synthetic_math.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import synthetic_math  # noqa: E402
+
+VERIFY_PROMPT = "Verification: Let's verify step by step."
+VERDICT = "Verification: Is the answer correct (Yes/No)?"
+SPLITS = ("verify_train", "verify_validation", "correct_train", "correct_validation")
+VERIFY_COLUMNS = ("question_id", "question", "solution", "prompt", "rationale", "label")
+CORRECT_COLUMNS = ("question_id", "question", "solution")
+ZIP_NAME = re.compile(r"critiques_(correct|incorrect)_solutions_batch_\d+(_val)?\.zip")
+# The last verdict, with the markdown/HTML the critic models put around it ("**Yes**", "<b>No</b>", "?** No", "Verification:** Is").
+_VERDICT_RE = re.compile(r"(?:\*+|<b>|\s)*Verification:(?:\*+|</b>)? Is the answer correct \(Yes/No\)\?(?:\*+|</?b>|\s)*"
+                         r"((?i:yes|no))\b")
+_QUESTION_MARK = "\nQ: "
+_ANSWER_MARK = "\nA: Let's think step by step.\n"
+MAX_SKIPS_SHOWN = 20
+
+
+class SkipRow(Exception):
+    """A row that cannot be used: `reason` is counted in the summary, `detail` says what was found."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(reason)
+        self.reason, self.detail = reason, detail
+
+
+@dataclass
+class Report:
+    """What was read and skipped, for the printed summary."""
+
+    rows_read: dict[str, int] = field(default_factory=dict)
+    skipped: list[dict] = field(default_factory=list)  # {"file", "row", "reason", "detail"}
+
+    def skip(self, file: str, row: int, error: SkipRow) -> None:
+        self.skipped.append({"file": file, "row": row, "reason": error.reason, "detail": error.detail})
+
+
+@dataclass
+class Collected:
+    """Rows of one source before the split; `val_ids` are the question ids fixed to validation by `_val` files,
+    `carve_ids` those of files without a validation split (a --val-fraction of them is held out)."""
+
+    verify: list[dict] = field(default_factory=list)
+    correct: list[dict] = field(default_factory=list)
+    val_ids: set[str] = field(default_factory=set)
+    carve_ids: set[str] = field(default_factory=set)
+
+
+# ---- rows ----------------------------------------------------------------------------------------------
+
+def build_prompt(question: str, solution: str) -> str:
+    """The verification prompt: `parse_inputs(build_prompt(q, s)) == (q, s)`."""
+    return f"Q: {question}{_ANSWER_MARK}{solution}\n{VERIFY_PROMPT}"
+
+
+def parse_inputs(inputs: str) -> tuple[str, str]:
+    """(question, solution) from a zip row's `inputs`: header, then "Q: ...", "A: Let's think step by step.",
+    the solution and "Verification: Let's verify step by step.".
+
+    Raises:
+        SkipRow: `inputs` is not in that layout.
+    """
+    text = "\n" + inputs.rstrip()  # the prompt may start with "Q: " (no header)
+    start = text.rfind(_QUESTION_MARK)
+    middle = text.find(_ANSWER_MARK, start)
+    if start < 0 or middle < 0 or not text.endswith("\n" + VERIFY_PROMPT):
+        raise SkipRow("inputs not in the Q:/A:/Verification layout", inputs[-80:])
+    question = text[start + len(_QUESTION_MARK):middle]
+    solution = text[middle + len(_ANSWER_MARK):-len(VERIFY_PROMPT) - 1]
+    if not question.strip() or not solution.strip():
+        raise SkipRow("empty question or solution")
+    return question, solution
+
+
+def parse_verdict(text: str) -> tuple[str, str]:
+    """The rationale cut after its last verdict, with that line normalised, and the label.
+
+    Returns:
+        (rationale ending with "Verification: Is the answer correct (Yes/No)? Yes|No", "Yes" or "No").
+
+    Raises:
+        SkipRow: no verdict in `text`.
+    """
+    matches = list(_VERDICT_RE.finditer(text))
+    if not matches:
+        raise SkipRow("no verdict", repr(text[-60:]))
+    match = matches[-1]
+    label = match.group(1).capitalize()
+    head = text[:match.start()].rstrip()
+    return (f"{head}\n\n" if head else "") + f"{VERDICT} {label}", label
+
+
+def verify_row(question_id: str, question: str, solution: str, critique: str, expected: str, source: str) -> dict:
+    """A verification row; `expected` is the label the row's `source` ("correctness", "file name") says.
+
+    Raises:
+        SkipRow: no verdict, or a verdict that disagrees with `expected`.
+    """
+    rationale, label = parse_verdict(critique)
+    if label != expected:
+        raise SkipRow(f"verdict disagrees with {source}", f"verdict {label}, {source} says {expected}")
+    return {"question_id": question_id, "question": question, "solution": solution,
+            "prompt": build_prompt(question, solution), "rationale": rationale, "label": label}
+
+
+def _fields(row: object, names: tuple[str, ...]) -> dict:
+    """`row`'s `names` as strings (question ids may be ints); raises SkipRow if one is missing or not text."""
+    if not isinstance(row, dict):
+        raise SkipRow("row is not a JSON object")
+    missing = [n for n in names if n not in row or row[n] is None]
+    if missing:
+        raise SkipRow("missing field", ", ".join(missing))
+    bad = [n for n in names if not isinstance(row[n], (str, int)) or isinstance(row[n], bool)]
+    if bad:
+        raise SkipRow("field is not text", ", ".join(bad))
+    return {n: str(row[n]) for n in names}
+
+
+def _jsonl(lines: Iterable[bytes], file: str, report: Report) -> Iterator[tuple[int, dict]]:
+    """(1-based row number, parsed row) for each non-empty line; bad JSON is skipped and reported."""
+    count = 0
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        count += 1
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as exc:
+            report.skip(file, number, SkipRow("invalid JSON", str(exc)))
+    report.rows_read[file] = report.rows_read.get(file, 0) + count
+
+
+# ---- the two layouts -----------------------------------------------------------------------------------
+
+def read_zip_batch(path: Path, out: Collected, report: Report) -> None:
+    """Adds one `critiques_{correct,incorrect}_solutions_batch_NN[_val].zip` to `out`."""
+    name = ZIP_NAME.fullmatch(path.name)
+    if name is None:
+        raise ValueError(f"{path}: not a critiques_{{correct,incorrect}}_solutions_batch_NN[_val].zip batch name")
+    is_correct, is_val = name.group(1) == "correct", name.group(2) is not None
+    with zipfile.ZipFile(path) as archive:
+        members = [m for m in archive.namelist() if m.endswith(".jsonl")]
+        if not members:
+            raise ValueError(f"{path}: no .jsonl file inside the zip")
+        for member in members:
+            file = f"{path.name}/{member}"
+            with archive.open(member) as lines:
+                for number, row in _jsonl(lines, file, report):
+                    try:
+                        values = _fields(row, ("inputs", "targets", "question_id"))
+                        question, solution = parse_inputs(values["inputs"])
+                        qid = values["question_id"]
+                        (out.val_ids if is_val else out.carve_ids).add(qid)
+                        if is_correct:
+                            out.correct.append({"question_id": qid, "question": question, "solution": solution})
+                        out.verify.append(verify_row(qid, question, solution, values["targets"],
+                                                     "Yes" if is_correct else "No", "file name"))
+                    except SkipRow as error:
+                        report.skip(file, number, error)
+
+
+def read_data_collection(path: Path, out: Collected, report: Report) -> None:
+    """Adds one `data_collection/*.jsonl.gz` (or `.jsonl`) file to `out`."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rb") as lines:
+        for number, row in _jsonl(lines, path.name, report):
+            try:
+                values = _fields(row, ("question", "question_id", "model_output", "correctness", "verifier_output"))
+                if values["correctness"] not in ("0", "1"):
+                    raise SkipRow("correctness is not 0 or 1", values["correctness"])
+                qid, question, solution = values["question_id"], values["question"], values["model_output"]
+                out.carve_ids.add(qid)
+                if values["correctness"] == "1":
+                    out.correct.append({"question_id": qid, "question": question, "solution": solution})
+                out.verify.append(verify_row(qid, question, solution, values["verifier_output"],
+                                             "Yes" if values["correctness"] == "1" else "No", "correctness"))
+            except SkipRow as error:
+                report.skip(path.name, number, error)
+
+
+def find_files(path: Path) -> list[Path]:
+    """The zip batches and data_collection files under `path`, auto-detecting the layout(s)."""
+    if not path.is_dir():
+        raise ValueError(f"--path {path} is not a folder")
+    files = sorted(path.glob("critiques_*.zip"))
+    collection = path / "data_collection"
+    if path.name == "data_collection":  # --path pointed at the folder itself
+        collection = path
+    files += sorted(collection.glob("*.jsonl.gz")) + sorted(collection.glob("*.jsonl"))
+    if not files:
+        raise ValueError(f"--path {path} has neither critiques_*_solutions_batch_*.zip batches "
+                         "nor a data_collection folder of .jsonl.gz files")
+    return files
+
+
+def read_genrm(path: Path, report: Report) -> Collected:
+    """All rows of both layouts under `path`, with a progress bar over the files."""
+    from tqdm import tqdm
+
+    out = Collected()
+    for file in tqdm(find_files(path), desc="files", unit="file"):
+        if file.suffix == ".zip":
+            read_zip_batch(file, out, report)
+        else:
+            read_data_collection(file, out, report)
+    return out
+
+
+def read_synthetic(num_problems: int, seed: int) -> Collected:
+    """Verification rows from `synthetic_math`: every other problem gets a wrong solution (one slip, see
+    `wrong_steps`), and its rationale checks the solution step by step against the known computation."""
+    out = Collected()
+    for index, problem in enumerate(synthetic_math.generate_problems(num_problems, seed)):
+        steps = problem.steps
+        if index % 2:
+            steps, _ = synthetic_math.wrong_steps(problem, random.Random(f"{seed}-{problem.id}"))
+        solution = synthetic_math.solution_text(steps, steps[-1].result)
+        rationale, is_correct = synthetic_math.verification_rationale(problem, steps)
+        out.verify.append(verify_row(problem.id, problem.question, solution, rationale,
+                                     "Yes" if is_correct else "No", "synthetic_math"))
+        out.correct.append({"question_id": problem.id, "question": problem.question,
+                            "solution": synthetic_math.correct_solution(problem)})
+        out.carve_ids.add(problem.id)
+    return out
+
+
+# ---- splits and output ---------------------------------------------------------------------------------
+
+def validation_ids(collected: Collected, val_fraction: float, seed: int) -> set[str]:
+    """Question ids of the validation split: those of `_val` batches, plus a seeded `val_fraction` of the ids
+    seen only in files without a validation split (so no question is in both splits, across layouts too)."""
+    pool = sorted(collected.carve_ids - collected.val_ids)
+    random.Random(seed).shuffle(pool)
+    n_val = round(val_fraction * len(pool)) if len(pool) > 1 else 0
+    return collected.val_ids | set(pool[:n_val])
+
+
+def build_splits(collected: Collected, val_fraction: float, seed: int) -> dict[str, list[dict]]:
+    """The four splits; a row is in validation iff its question id is; correct rows deduplicated."""
+    val_ids = validation_ids(collected, val_fraction, seed)
+    splits: dict[str, list[dict]] = {name: [] for name in SPLITS}
+    for row in collected.verify:
+        splits["verify_validation" if row["question_id"] in val_ids else "verify_train"].append(row)
+    seen: set[tuple[str, str]] = set()
+    for row in collected.correct:
+        key = (row["question_id"], row["solution"])
+        if key not in seen:
+            seen.add(key)
+            splits["correct_validation" if row["question_id"] in val_ids else "correct_train"].append(row)
+    return splits
+
+
+def to_dataset_dict(splits: dict[str, list[dict]]):
+    """`splits` as a `datasets.DatasetDict` of string columns (empty splits keep their columns)."""
+    import datasets
+
+    out = {}
+    for name, rows in splits.items():
+        columns = VERIFY_COLUMNS if name.startswith("verify") else CORRECT_COLUMNS
+        features = datasets.Features({c: datasets.Value("string") for c in columns})
+        out[name] = datasets.Dataset.from_dict({c: [r[c] for r in rows] for c in columns}, features=features)
+    return datasets.DatasetDict(out)
+
+
+def summarize(report: Report, splits: dict[str, list[dict]]) -> dict:
+    """Rows read per file, kept per label per split, skipped per reason."""
+    kept = {name: dict(sorted(Counter(r["label"] for r in rows).items())) if name.startswith("verify")
+            else {"rows": len(rows)} for name, rows in splits.items()}
+    return {"rows_read": dict(report.rows_read), "kept": kept,
+            "skipped": dict(Counter(s["reason"] for s in report.skipped).most_common()),
+            "skipped_rows": report.skipped}
+
+
+def print_summary(summary: dict, skipped_file: Path | None) -> None:
+    print("rows read:")
+    for file, count in summary["rows_read"].items():
+        print(f"  {file}: {count}")
+    print("kept:")
+    for name, counts in summary["kept"].items():
+        print(f"  {name}: " + ", ".join(f"{k} {v}" for k, v in counts.items()) if counts else f"  {name}: 0")
+    skipped = summary["skipped_rows"]
+    print(f"skipped: {len(skipped)}")
+    for reason, count in summary["skipped"].items():
+        print(f"  {reason}: {count}")
+    shown = skipped if skipped_file is None else skipped[:MAX_SKIPS_SHOWN]
+    for s in shown:
+        print(f"  {s['file']} row {s['row']}: {s['reason']}" + (f" ({s['detail']})" if s["detail"] else ""))
+    if len(shown) < len(skipped):
+        print(f"  ... all {len(skipped)} skipped rows are listed in {skipped_file}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", choices=("genrm", "synthetic"), default="genrm",
+                        help="genrm: the genrm-critiques files under --path; synthetic: synthetic_math.py, offline.")
+    parser.add_argument("--path", help="A genrm-critiques `critiques` folder: zip batches, data_collection/, or both.")
+    parser.add_argument("--output-dir", help="Save the DatasetDict here (save_to_disk), with skipped.jsonl.")
+    parser.add_argument("--repo", help="Push the DatasetDict to this private hub dataset repo (needs HF_TOKEN).")
+    parser.add_argument("--num-problems", type=int, default=2000, help="Synthetic problems (half get a wrong solution).")
+    parser.add_argument("--val-fraction", type=float, default=0.05,
+                        help="Fraction of question ids held out for validation where there are no _val batches.")
+    parser.add_argument("--seed", type=int, default=0, help="Seeds the validation carve and the synthetic problems.")
+    args = parser.parse_args(argv)
+    if args.source == "genrm" and args.path is None:
+        parser.error("--source genrm needs --path, a clone of genrm-critiques' critiques folder")
+    if args.output_dir is None and args.repo is None:
+        parser.error("give --output-dir, --repo or both")
+    if not 0 <= args.val_fraction < 1:
+        parser.error(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    if args.num_problems < 1:
+        parser.error(f"--num-problems must be positive, got {args.num_problems}")
+    if args.repo is not None and not os.environ.get("HF_TOKEN"):
+        parser.error(f"--repo {args.repo} needs a Hugging Face write token in the HF_TOKEN environment variable")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the script; returns the summary it prints (for tests)."""
+    args = parse_args(argv)
+    started = time.time()
+    report = Report()
+    try:
+        if args.source == "synthetic":
+            collected = read_synthetic(args.num_problems, args.seed)
+        else:
+            collected = read_genrm(Path(args.path), report)
+    except (ValueError, OSError, zipfile.BadZipFile) as exc:
+        print(f"data_preparation.py: {exc}", file=sys.stderr)
+        raise SystemExit(1) from exc
+    splits = build_splits(collected, args.val_fraction, args.seed)
+    dataset = to_dataset_dict(splits)
+    summary = summarize(report, splits)
+    skipped_file = None
+    if args.output_dir:
+        dataset.save_to_disk(args.output_dir)
+        skipped_file = Path(args.output_dir) / "skipped.jsonl"
+        skipped_file.write_text("".join(json.dumps(s) + "\n" for s in report.skipped))
+    print_summary(summary, skipped_file)
+    if args.output_dir:
+        print(f"saved to {args.output_dir}")
+    if args.repo:
+        dataset.push_to_hub(args.repo, private=True, token=os.environ["HF_TOKEN"])
+        print(f"pushed to the private hub dataset {args.repo}")
+    summary["seconds"] = round(time.time() - started, 1)
+    print(f"done in {summary['seconds']} s")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
