@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository, when run as bench/dpo_throughput.py
-from bench.sft_throughput import ROOT, WARMUP_STEPS, StepClock, train_config  # noqa: E402  (also sets the offline env)
+from bench.sft_throughput import ROOT, StepClock, bench_parser, check_args, save_result, train_config  # noqa: E402  (also sets the offline env)
 
 RUNS = ("ours-live", "precompute", "ours-precomputed", "trl")  # subprocesses, in this order; "precompute" is untimed
 TARGET_VS_TRL = 1.0  # ours (live reference) / TRL, pairs/s
@@ -261,33 +261,15 @@ def table(results: dict[str, dict[str, Any]], v: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m-instruct", help="Model for all runs (as train.py --model-name).")
-    parser.add_argument("--rows", type=int, default=64, help="Synthetic-math preference pairs for training.")
-    parser.add_argument("--batch-size", type=int, default=4, help="Pairs per micro-batch of all runs.")
-    parser.add_argument("--max-length", type=int, default=256, help="Maximum tokens per sequence (longer pairs are dropped).")
-    parser.add_argument("--steps", type=int, default=16, help="Optimizer steps, warm-up included.")
-    parser.add_argument("--levels", default="1,2", help="Synthetic-math difficulty levels.")
+    parser = bench_parser(__doc__, "preference pairs", rows=64, batch_size=4, steps=16, lr=5e-6, runs=RUNS)
     parser.add_argument("--beta", type=float, default=0.1, help="DPO temperature of all runs.")
-    parser.add_argument("--lr", type=float, default=5e-6, help="Peak learning rate of all runs.")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="Default: cuda when available.")
-    parser.add_argument("--out", default=None, help="Write the results as JSON to this file.")
-    parser.add_argument("--only", choices=RUNS, default=None, help=argparse.SUPPRESS)  # the subprocesses
-    args = parser.parse_args(argv)
-    if not WARMUP_STEPS < args.steps <= -(-args.rows // args.batch_size):
-        parser.error(f"--steps must be above the {WARMUP_STEPS} warm-up steps and at most one epoch "
-                     f"(--rows {args.rows} / --batch-size {args.batch_size}, rounded up); got {args.steps}")
+    args = check_args(parser, parser.parse_args(argv))
     if args.beta <= 0:
         parser.error(f"--beta must be positive, got {args.beta}")
     from models import resolve_model_path
 
     # A folder, not the alias: the alias's converted copy lives under $POSTTRAIN_CACHE, which the runs replace.
     args.model = resolve_model_path(args.model)
-    if args.device is None:
-        import torch
-
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     return args
 
 
@@ -304,9 +286,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         v = verdicts(results)
         print(table(results, v))
         result = {"settings": {k: val for k, val in vars(args).items() if k not in ("only", "out")}, **results, **v}
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    save_result(args.out, result)
     return result
 
 

@@ -213,22 +213,29 @@ def table(ours: dict[str, Any], theirs: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0],
+def bench_parser(doc: str, unit: str, rows: int, batch_size: int, steps: int | None, lr: float,
+                 runs: tuple[str, ...]) -> argparse.ArgumentParser:
+    """The flags every bench shares; ``unit`` names what a row is (rows, pairs), ``runs`` the subprocess names."""
+    parser = argparse.ArgumentParser(description=doc.split("\n", 1)[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m-instruct", help="Model for both (as train.py --model-name).")
-    parser.add_argument("--rows", type=int, default=96, help="Synthetic-math training rows.")
-    parser.add_argument("--batch-size", type=int, default=8, help="Micro-batch size of both.")
-    parser.add_argument("--max-length", type=int, default=256, help="Maximum tokens per row (longer rows are dropped).")
-    parser.add_argument("--steps", type=int, default=None, help="Optimizer steps, warm-up included (default: rows / batch size).")
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="Model of every run (as train.py --model-name).")
+    parser.add_argument("--rows", type=int, default=rows, help=f"Synthetic-math training {unit}.")
+    parser.add_argument("--batch-size", type=int, default=batch_size, help=f"Training {unit} per micro-batch.")
+    parser.add_argument("--max-length", type=int, default=256, help="Maximum tokens per sequence (longer ones are dropped).")
+    parser.add_argument("--steps", type=int, default=steps, help="Optimizer steps, warm-up included (default: one epoch).")
     parser.add_argument("--levels", default="1,2", help="Synthetic-math difficulty levels.")
-    parser.add_argument("--lr", type=float, default=1e-5, help="Peak learning rate of both.")
+    parser.add_argument("--lr", type=float, default=lr, help="Peak learning rate of every run.")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="Default: cuda when available.")
     parser.add_argument("--out", default=None, help="Write the results as JSON to this file.")
-    parser.add_argument("--only", choices=("ours", "trl"), default=None, help=argparse.SUPPRESS)  # the subprocesses
-    args = parser.parse_args(argv)
+    parser.add_argument("--only", choices=runs, default=None, help=argparse.SUPPRESS)  # the subprocesses
+    return parser
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """Default --steps to one epoch and --device to CUDA when there is one; refuse a step count outside one epoch."""
+    epoch = -(-args.rows // args.batch_size)
     args.steps = args.rows // args.batch_size if args.steps is None else args.steps
-    if not WARMUP_STEPS < args.steps <= -(-args.rows // args.batch_size):
+    if not WARMUP_STEPS < args.steps <= epoch:
         parser.error(f"--steps must be above the {WARMUP_STEPS} warm-up steps and at most one epoch "
                      f"(--rows {args.rows} / --batch-size {args.batch_size}, rounded up); got {args.steps}")
     if args.device is None:
@@ -236,6 +243,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     return args
+
+
+def save_result(out: str | None, result: dict[str, Any]) -> None:
+    """Write the results as JSON to --out, if given."""
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = bench_parser(__doc__, "rows", rows=96, batch_size=8, steps=None, lr=1e-5, runs=("ours", "trl"))
+    return check_args(parser, parser.parse_args(argv))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -247,9 +266,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(table(ours, theirs))
         result = {"settings": {k: v for k, v in vars(args).items() if k not in ("only", "out")}, "ours": ours, "trl": theirs,
                   "ratio_real_tokens_per_s": ours["real_tokens_per_s"] / theirs["real_tokens_per_s"]}
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    save_result(args.out, result)
     return result
 
 
