@@ -57,10 +57,18 @@ def dpo_step(module: PostTrainingModule, batch: dict) -> tuple[torch.Tensor, dic
     """Chosen rows 0..B-1 and rejected rows B..2B-1 in one forward pass of the policy."""
     logps, mask = token_logprobs(module.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
     policy = sequence_logps(logps, mask)  # (2B,)
-    ref = batch["ref_logps"].to(policy) if "ref_logps" in batch else module.reference_logps(batch)
+    ref = batch["ref_logps"].to(policy) if "ref_logps" in batch else reference_logps(module.ref_model, batch)
     pairs = policy.shape[0] // 2
     loss, metrics = dpo_loss(policy[:pairs], policy[pairs:], ref[:pairs], ref[pairs:], module.cfg.beta)
     return loss, metrics, torch.tensor(pairs)
+
+
+@torch.no_grad()
+def reference_logps(ref_model, batch: dict) -> torch.Tensor:
+    """log pi_ref(y | x) of every sequence of the batch, (N,): what a live reference computes each step and
+    what --precompute-ref-logps computes once."""
+    logps, mask = token_logprobs(ref_model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    return sequence_logps(logps, mask)
 
 
 def bt_step(module: PostTrainingModule, batch: dict) -> tuple[torch.Tensor, dict, torch.Tensor]:
@@ -97,12 +105,6 @@ class PostTrainingModule(pl.LightningModule):
         self._clock = 0.0
         self.last_generations: list[dict] = []
         self.last_validated_step: int | None = None
-
-    @torch.no_grad()
-    def reference_logps(self, batch: dict) -> torch.Tensor:
-        """log pi_ref(y | x) of every sequence of the batch, (N,)."""
-        logps, mask = token_logprobs(self.ref_model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-        return sequence_logps(logps, mask)
 
     # ---- data -------------------------------------------------------------------------------
     def _loader(self, dataset: CustomDataset, shuffle: bool, world: int, rank: int) -> torch.utils.data.DataLoader:
@@ -242,8 +244,7 @@ def precompute_reference_logps(ref_model, datasets: list[CustomDataset], collato
         for i in tqdm(starts, desc="reference log-probs", disable=not verbose):
             batch = {k: v.to(device) for k, v in collator(features[i:i + batch_size]).items()}
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
-                logps, mask = token_logprobs(ref_model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-            seq = sequence_logps(logps, mask).cpu()
+                seq = reference_logps(ref_model, batch).cpu()
             n = seq.shape[0] // 2
             values[i:i + n] = torch.stack([seq[:n], seq[n:]], dim=1).double()
         cache.parent.mkdir(parents=True, exist_ok=True)

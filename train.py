@@ -171,8 +171,9 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> dict:
     train_set, val_set = prepare_data(cfg, tokenizer)
     kind = TRAINING_TYPES[cfg.training_type]
     collator = kind["collator"](tokenizer.pad_token_id)
-    model = kind["model"](cfg.model_name)
+    # The reference first: a --precompute-ref-logps pass then runs without the policy in memory.
     ref_model = reference_model(cfg, tokenizer, [train_set, val_set], collator) if cfg.training_type == "dpo" else None
+    model = kind["model"](cfg.model_name)
     module = PostTrainingModule(cfg, model, tokenizer, train_set, val_set, step=kind["step"], collator=collator,
                                 ref_model=ref_model, generates=kind["generates"])
     trainer = build_trainer(cfg, callbacks)
