@@ -92,6 +92,16 @@ def tokenize_pair(tokenizer, row: dict, max_length: int, overlong: str) -> tuple
     return feature, "truncated" if "truncated" in (chosen_status, rejected_status) else "ok"
 
 
+def tokenize_verifier(tokenizer, row: dict, max_length: int, overlong: str) -> tuple[dict | None, str]:
+    """A GenRM-CoT row (verification rationale or correct solution) as for SFT, plus its ``part`` (0 or 1)."""
+    from losses.sft import VERIFIER_PARTS
+
+    feature, status = tokenize_chat(tokenizer, row["messages"], max_length, overlong)
+    if feature is not None:
+        feature["part"] = VERIFIER_PARTS.index(row["part"])
+    return feature, status
+
+
 def generation_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     """Token ids of the conversation up to (and including) the header of the final assistant answer."""
     prompt = render(tokenizer, messages[:-1], add_generation_prompt=True)
@@ -106,7 +116,7 @@ class BatchPlan:
     """
 
     indices: tuple[int, ...]
-    window_units: int
+    window_units: int | tuple[int, ...]
 
 
 class SFTCollator:
@@ -144,13 +154,33 @@ class PreferenceCollator(SFTCollator):
         return batch
 
 
+class VerifierCollator(SFTCollator):
+    """An SFT batch plus ``part`` (B,): 0 for verification rows, 1 for correct-solution rows. ``window_units``
+    is (2,): the answer tokens of each part, which the GenRM-CoT loss averages over separately."""
+
+    def __call__(self, features: list[dict], window_units: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+        batch = super().__call__(features, window_units)
+        batch["part"] = torch.tensor([f["part"] for f in features])
+        if window_units is None:
+            counts = [0, 0]
+            for f in features:
+                counts[f["part"]] += target_count(f)
+            batch["window_units"] = torch.tensor(counts)
+        return batch
+
+
 def target_count(feature: dict) -> int:
     """Tokens the loss is computed on (the first position is never predicted)."""
     return sum(1 for label in feature["labels"][1:] if label != IGNORE_INDEX)
 
 
-def loss_units(feature: dict) -> int:
-    """What the loss averages over: answer tokens for SFT, pairs for preference losses."""
+def loss_units(feature: dict) -> int | tuple[int, int]:
+    """What the loss averages over: answer tokens for SFT, pairs for preference losses, and the answer tokens
+    of each of its two parts for the GenRM-CoT loss."""
+    if "part" in feature:
+        units = [0, 0]
+        units[feature["part"]] = target_count(feature)
+        return tuple(units)
     return 1 if "rejected_input_ids" in feature else target_count(feature)
 
 
@@ -213,8 +243,9 @@ class LengthGroupedBatchSampler:
         for k in range(start, per_rank):
             w0 = k - k % self.accumulate
             window = steps[w0:w0 + self.accumulate]
-            tokens = sum(self.targets[i] for group in window for batch in group for i in batch)
-            yield BatchPlan(tuple(steps[k][self.rank]), tokens)
+            units = [self.targets[i] for group in window for batch in group for i in batch]
+            total = tuple(map(sum, zip(*units))) if isinstance(units[0], tuple) else sum(units)  # per part, if parts
+            yield BatchPlan(tuple(steps[k][self.rank]), total)
 
 
 class PlannedDataset(torch.utils.data.Dataset):

@@ -24,7 +24,6 @@ import yaml
 
 TRAINING_TYPES = ("sft", "dpo", "bt", "sft_verifier")
 # Training types whose issue has landed; the rest parse and then fail clearly.
-AVAILABLE_TRAINING_TYPES = ("sft", "dpo", "bt")
 PRECISIONS = ("32", "bf16-mixed", "bf16-true", "transformer-engine", "transformer-engine-float16")
 STRATEGIES = ("auto", "ddp", "fsdp", "deepspeed")
 # Environment variables that may hold secrets; their values are never printed or saved.
@@ -65,7 +64,7 @@ class TrainConfig:
     )
     dataset_source: str = _f(
         "auto", "Row format of the dataset; 'auto' detects it from the columns.",
-        choices=("auto", "messages", "gsm8k", "preference")
+        choices=("auto", "messages", "gsm8k", "math", "preference", "verifier")
     )
     train_percentile: float = _f(100.0, "Keep training rows whose text length is at or below this percentile (0-100].")
     test_percentile: float = _f(100.0, "Keep test rows whose text length is at or below this percentile (0-100].")
@@ -104,6 +103,13 @@ class TrainConfig:
     # Objective-specific.
     beta: float = _f(0.1, "DPO temperature beta.")
     lambda_: float = _f(0.1, "GenRM-CoT weight of the correct-solution SFT loss (flag --lambda).")
+    verifier_k_min: int = _f(8, "GenRM-CoT adaptive K: rationales drawn per group, and the fewest per solution (K_min).")
+    verifier_k_max: int = _f(32, "GenRM-CoT adaptive K: the most rationales per solution (K_max).")
+    verifier_tau: float = _f(0.05, "GenRM-CoT adaptive K: stop once the variance of p('Yes') over the rationales is below this.")
+    verifier_temperature: float = _f(0.7, "GenRM-CoT: sampling temperature of verification rationales (0: greedy).")
+    val_verifier_rationales: int = _f(
+        1, "GenRM-CoT: rationales sampled per validation solution (the first --val-generate-samples) for the verifier score."
+    )
     ref_model_name: str | None = _f(None, "DPO reference model; default: a frozen copy of --model-name.")
     precompute_ref_logps: bool = _f(
         False, "DPO: compute the reference log-probs in one pass before training (cached on disk) and keep only the policy in memory."
@@ -116,7 +122,11 @@ class TrainConfig:
     )
     max_new_tokens: int = _f(256, "Generation budget for validation answers.")
     eval_before_training: bool = _f(False, "Run the validation metrics once before training, for a before/after report.")
-    calculate_win_rate: bool = _f(False, "Compute the win rate against a baseline during validation.")
+    calculate_win_rate: bool = _f(False, "Compute the win rate against a baseline during validation (see --win-rate-baseline).")
+    win_rate_baseline: str | None = _f(
+        None, "--calculate-win-rate: the baseline's answers to the validation prompts, an inference.py output file.")
+    win_rate_judge: str | None = _f(
+        None, "--calculate-win-rate: the judge, a reward model folder (train.py --training-type bt) or 'api[:<model>]'.")
     # Checkpoints and logs.
     storage_path: str = _f("runs", "Folder under which the run folder (--name) holds checkpoints, logs and config.")
     name: str | None = _f(None, "Run name; default '<training-type>-<date>-<time>'. Reusing a name reuses its folder.")
@@ -275,6 +285,11 @@ def validate(cfg: TrainConfig) -> list[str]:
     need(cfg.max_steps == -1 or cfg.max_steps >= 1, f"--max-steps must be -1 or at least 1, got {cfg.max_steps}")
     need(cfg.beta > 0, f"--beta must be positive, got {cfg.beta}")
     need(cfg.lambda_ >= 0, f"--lambda must be 0 or more, got {cfg.lambda_}")
+    need(1 <= cfg.verifier_k_min <= cfg.verifier_k_max,
+         f"need 1 <= --verifier-k-min <= --verifier-k-max, got {cfg.verifier_k_min} and {cfg.verifier_k_max}")
+    need(cfg.verifier_tau >= 0, f"--verifier-tau must be 0 or more, got {cfg.verifier_tau}")
+    need(cfg.verifier_temperature >= 0, f"--verifier-temperature must be 0 or more, got {cfg.verifier_temperature}")
+    need(cfg.val_verifier_rationales >= 1, f"--val-verifier-rationales must be at least 1, got {cfg.val_verifier_rationales}")
     if cfg.training_type != "dpo":
         need(cfg.ref_model_name is None, f"--ref-model-name is for --training-type dpo, not {cfg.training_type}")
         need(not cfg.precompute_ref_logps, f"--precompute-ref-logps is for --training-type dpo, not {cfg.training_type}")
@@ -291,13 +306,16 @@ def validate(cfg: TrainConfig) -> list[str]:
     need(cfg.state_dict_type == "full" or cfg.strategy == "fsdp", "--state-dict-type sharded needs --strategy fsdp")
     need(cfg.num_workers == 1 or cfg.use_ray, "--num-workers above 1 needs --use-ray (local runs use one process)")
     # Parts of the design whose issue has not landed yet: parse, then refuse clearly.
-    need(cfg.training_type in AVAILABLE_TRAINING_TYPES,
-         f"--training-type {cfg.training_type} is not yet available in this version (available: {', '.join(AVAILABLE_TRAINING_TYPES)})")
     need(not cfg.use_ray, "--use-ray is not yet available in this version: run without it")
     need(cfg.strategy in ("auto", "ddp"), f"--strategy {cfg.strategy} is not yet available in this version (available: auto, ddp)")
     need(not cfg.precision.startswith("transformer-engine"),
          f"--precision {cfg.precision} is not yet available in this version (available: 32, bf16-mixed, bf16-true)")
-    need(not cfg.calculate_win_rate, "--calculate-win-rate is not yet available in this version")
+    if cfg.calculate_win_rate:
+        need(cfg.win_rate_baseline is not None and cfg.win_rate_judge is not None,
+             "--calculate-win-rate needs --win-rate-baseline (an inference.py output) and --win-rate-judge")
+        need(cfg.win_rate_baseline is None or Path(cfg.win_rate_baseline).is_file(),
+             f"--win-rate-baseline {cfg.win_rate_baseline}: no such file")
+        need(cfg.training_type in ("sft", "dpo"), "--calculate-win-rate judges generated answers: --training-type sft or dpo")
     if cfg.use_gpu:
         import torch
 

@@ -46,6 +46,14 @@ def _gsm8k_row(row: dict[str, Any]) -> dict[str, Any]:
     return {"messages": messages, "reference": row["answer"]}
 
 
+def _math_row(row: dict[str, Any]) -> dict[str, Any]:
+    """MATH style (hendrycks/competition_math): ``problem`` and a ``solution`` whose final answer is in ``\\boxed{}``."""
+    if "\\boxed" not in row["solution"]:
+        raise DataError("the solution has no \\boxed{} final answer")
+    messages = [{"role": "user", "content": row["problem"]}, {"role": "assistant", "content": row["solution"]}]
+    return {"messages": messages, "reference": row["solution"]}
+
+
 def _response(value: Any, column: str) -> str:
     """A response given as a string or as a message list whose last turn is the assistant's."""
     if isinstance(value, list):
@@ -73,18 +81,41 @@ def _preference_row(row: dict[str, Any]) -> dict[str, Any]:
     return {"messages": [*prompt, {"role": "assistant", "content": chosen}], "rejected": rejected, "reference": chosen}
 
 
+def _verifier_row(row: dict[str, Any]) -> dict[str, Any]:
+    """GenRM-CoT rows of ``extension/data_preparation.py``: a verification row (``prompt``, ``rationale``,
+    ``label`` Yes/No) learns the rationale, a correct-solution row (``question``, ``solution``) the solution.
+    ``part`` says which (``losses.sft.VERIFIER_PARTS``)."""
+    if row.get("rationale") is not None:
+        for column in ("prompt", "rationale"):
+            if not isinstance(row.get(column), str) or not row[column].strip():
+                raise DataError(f"verification row: '{column}' is empty")
+        if row.get("label") not in ("Yes", "No"):
+            raise DataError(f"verification row: 'label' must be 'Yes' or 'No', got {row.get('label')!r}")
+        messages = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["rationale"]}]
+        return {"messages": messages, "reference": row["rationale"], "part": "verify", "label": row["label"]}
+    for column in ("question", "solution"):
+        if not isinstance(row.get(column), str) or not row[column].strip():
+            raise DataError(f"correct-solution row: '{column}' is empty")
+    messages = [{"role": "user", "content": row["question"]}, {"role": "assistant", "content": row["solution"]}]
+    return {"messages": messages, "reference": row["solution"], "part": "correct"}
+
+
 # name: (adapter, columns that identify the format, the kind of training it feeds)
 FORMATS: dict[str, tuple[Callable[[dict], dict], set[str], str]] = {
     "messages": (_messages_row, {"messages"}, "sft"),
     "gsm8k": (_gsm8k_row, {"question", "answer"}, "sft"),
+    "math": (_math_row, {"problem", "solution"}, "sft"),
     "preference": (_preference_row, {"prompt", "chosen", "rejected"}, "preference"),
+    "verifier": (_verifier_row, {"question", "solution"}, "verifier"),
 }
 PREFERENCE_TYPES = ("dpo", "bt")
+DATA_KINDS = {"dpo": "preference", "bt": "preference", "sft_verifier": "verifier"}  # the rest read "sft" data
+VERIFIER_SPLITS = {"train": ("verify_train", "correct_train"), "test": ("verify_validation", "correct_validation")}
 
 
 def detect_format(columns: list[str], requested: str, dataset_name: str, training_type: str = "sft") -> str:
     """The --dataset-source to use for a dataset with these columns and this --training-type."""
-    kind = "preference" if training_type in PREFERENCE_TYPES else "sft"
+    kind = DATA_KINDS.get(training_type, "sft")
     if requested != "auto":
         missing = FORMATS[requested][1] - set(columns)
         if missing:
@@ -102,6 +133,30 @@ def detect_format(columns: list[str], requested: str, dataset_name: str, trainin
     )
 
 
+def interleave(*parts: list[dict]) -> list[dict]:
+    """Rows of the parts taken in turn (a1, b1, a2, b2, ...), the longer part's rest at the end: the first N rows
+    of the result mix the parts as evenly as they can."""
+    out = [row for group in zip(*parts) for row in group]
+    shortest = min(len(p) for p in parts)
+    return out + [row for p in parts for row in p[shortest:]]
+
+
+def verifier_dataset(splits: dict[str, list[dict]]):
+    """GenRM-CoT splits (``verify_*`` and ``correct_*`` of ``extension/data_preparation.py``) as 'train' and 'test'
+    splits of interleaved verification and correct-solution rows."""
+    import datasets
+
+    missing = [name for names in VERIFIER_SPLITS.values() for name in names if name not in splits]
+    if missing:
+        raise DataError(f"GenRM-CoT data lacks split(s) {missing}: build it with extension/data_preparation.py")
+    columns = ("question_id", "question", "solution", "prompt", "rationale", "label")
+    out = {}
+    for split, (verify, correct) in VERIFIER_SPLITS.items():
+        rows = interleave(list(splits[verify]), list(splits[correct]))
+        out[split] = datasets.Dataset.from_list([{c: row.get(c) for c in columns} for row in rows])
+    return datasets.DatasetDict(out)
+
+
 def load_raw(cfg: TrainConfig):
     """A ``datasets.DatasetDict`` with 'train' and 'test' splits, carving a test split if there is none."""
     import datasets
@@ -109,11 +164,20 @@ def load_raw(cfg: TrainConfig):
     name = cfg.dataset_name
     path = Path(name)
     pairs = cfg.training_type in PREFERENCE_TYPES
+    verifier = cfg.training_type == "sft_verifier"
     if name == "synthetic-math":
         import synthetic_math
 
         n_train = cfg.train_dataset_length or 5000
         n_test = cfg.test_dataset_length or 200
+        if verifier:
+            from extension import data_preparation as prep
+
+            # Each problem gives a verification row and a correct-solution row. The held-out problems are the SFT
+            # and DPO runs' test problems (the first n_test of the stream), so no stage trains on what Best-of-N
+            # is evaluated on; the row caps then keep n_train and n_test interleaved rows.
+            collected = prep.read_synthetic(n_test + -(-n_train // 2), cfg.seed, cfg.levels(), held_out=n_test)
+            return verifier_dataset(prep.build_splits(collected, 0.0, cfg.seed))
         return synthetic_math.build_dataset(n_train, n_test, seed=cfg.seed, levels=cfg.levels(), pairs=pairs)
     if path.is_dir():
         loaded = datasets.load_from_disk(str(path))
@@ -129,6 +193,8 @@ def load_raw(cfg: TrainConfig):
         loaded = datasets.load_dataset(repo, subset or None)
     if isinstance(loaded, datasets.Dataset):
         loaded = datasets.DatasetDict({"train": loaded})
+    if verifier and any(split.startswith(("verify_", "correct_")) for split in loaded):
+        return verifier_dataset({split: loaded[split].to_list() for split in loaded})
     def first_split(names: tuple[str, ...]):
         # HuggingFaceH4/ultrafeedback_binarized has *_sft and *_prefs splits: preference training reads *_prefs.
         ordered = sorted(names, key=lambda n: pairs and not n.endswith("_prefs"))

@@ -17,8 +17,24 @@ def edit_distance(a: str, b: str) -> int:
 
 
 def gold_answer(reference: str) -> str:
-    """The final answer of a GSM8K solution: the text after its last '####'."""
-    return reference.rsplit("####", 1)[1].strip()
+    """The final answer of a reference solution: the text after the last '####' (GSM8K), else the whole solution
+    (MATH: math-verify reads its last ``\\boxed{}``)."""
+    return reference.rsplit("####", 1)[1].strip() if "####" in reference else reference
+
+
+def has_final_answer(reference: str) -> bool:
+    """Whether a reference states a checkable final answer: GSM8K's '#### N' or MATH's ``\\boxed{}``."""
+    return "####" in reference or "\\boxed" in reference
+
+
+def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a proportion (95% for z = 1.96): better than the normal one near 0 and 1."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def answer_text(sample: str) -> str:
@@ -48,3 +64,22 @@ def answers_match(prediction: str, reference: str) -> bool:
     import math_verify
 
     return check(prediction, math_verify.parse(gold_answer(reference)))[1]
+
+
+def auc(scores: list[float], labels: list[bool]) -> float | None:
+    """Area under the ROC curve of ``scores`` for telling ``labels`` True from False: the probability that a random
+    positive scores above a random negative, ties counting half (Mann-Whitney U / (n_pos * n_neg)). None without
+    both classes."""
+    positives = [s for s, y in zip(scores, labels, strict=True) if y]
+    negatives = [s for s, y in zip(scores, labels, strict=True) if not y]
+    if not positives or not negatives:
+        return None
+    ordered = sorted(scores)
+    # Mid-ranks (1-based) handle ties: a value's rank is the mean of the positions it occupies.
+    first, last = {}, {}
+    for position, value in enumerate(ordered, start=1):
+        first.setdefault(value, position)
+        last[value] = position
+    rank_sum = sum((first[s] + last[s]) / 2 for s in positives)
+    n_pos, n_neg = len(positives), len(negatives)
+    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)

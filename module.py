@@ -28,8 +28,8 @@ from custom_dataset import CustomDataset
 from losses.bt import bt_loss
 from losses.dpo import dpo_loss, sequence_logps
 from losses.logprobs import token_logprobs
-from losses.sft import sft_loss
-from metrics import answers_match, edit_distance
+from losses.sft import genrm_part_losses, sft_loss
+from metrics import answers_match, auc, edit_distance, has_final_answer
 from models import generate_from_prompts, sequence_rewards
 
 # A step turns a batch into (mean loss, metrics to log, loss units in the batch: answer tokens or pairs).
@@ -78,6 +78,14 @@ def bt_step(module: PostTrainingModule, batch: dict) -> tuple[torch.Tensor, dict
     return loss, metrics, torch.tensor(pairs)
 
 
+def verifier_step(module: PostTrainingModule, batch: dict) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    """GenRM-CoT: the SFT loss of each part (verification rationales, correct solutions), (2,), with its tokens (2,);
+    the module weighs them with ``losses.sft.genrm_combine``."""
+    logps, mask = token_logprobs(module.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    losses, tokens = genrm_part_losses(logps, mask, batch["part"])
+    return losses, {}, tokens
+
+
 def cosine_with_warmup(step: int, warmup: int, total: int, min_ratio: float) -> float:
     """LR multiplier: linear warmup from 0 to 1 over ``warmup`` steps, then cosine decay to ``min_ratio``."""
     if step < warmup:
@@ -87,14 +95,24 @@ def cosine_with_warmup(step: int, warmup: int, total: int, min_ratio: float) -> 
 
 
 class PostTrainingModule(pl.LightningModule):
-    """Wraps a Hugging Face causal LM and the datasets of one run."""
+    """Wraps a Hugging Face causal LM and the datasets of one run.
+
+    ``step``, ``generates`` ("answers": validation answers are generated and checked, "verdicts": verification
+    rationales are sampled and scored, None: neither) and ``parts`` come from ``train.TRAINING_TYPES``. A step
+    with ``parts`` returns one loss per part, each averaged over its own units, and ``combine`` weighs them.
+    """
 
     def __init__(self, cfg: TrainConfig, model, tokenizer, train_set: CustomDataset, val_set: CustomDataset,
-                 step: Step = sft_step, collator: SFTCollator | None = None, ref_model=None, generates: bool = True):
+                 step: Step = sft_step, collator: SFTCollator | None = None, ref_model=None,
+                 generates: str | None = "answers", parts: tuple[str, ...] | None = None,
+                 combine: Callable[[torch.Tensor], torch.Tensor] | None = None):
         super().__init__()
         self.cfg, self.model, self.tokenizer = cfg, model, tokenizer
         self.train_set, self.val_set = train_set, val_set
-        self.step, self.generates = step, generates  # from train.TRAINING_TYPES
+        self.step, self.generates = step, generates
+        self.parts, self.combine = parts, combine
+        self._val_sums = self._val_units = None  # per-part loss sums and units of the validation pass
+        self._judges: dict = {}  # --calculate-win-rate's judge, loaded once (a plain dict: not a submodule)
         self.collator = collator or SFTCollator(tokenizer.pad_token_id)
         self.model.train()  # from_pretrained returns eval mode; Lightning expects the training mode at fit start
         self.ref_model = ref_model  # frozen; left out of checkpoints (rebuilt from the config on resume)
@@ -151,14 +169,19 @@ class PostTrainingModule(pl.LightningModule):
         # Lightning divides by the accumulation count and DDP averages over workers; undo both so the loss is
         # (sum over the batch's tokens or pairs) / (tokens or pairs in the whole window, all workers).
         scale = self.trainer.accumulate_grad_batches * self.trainer.world_size
+        window = batch["window_units"].float() / scale
+        objective = loss * units / torch.where(window > 0, window, 1)  # a part absent from the window adds 0
         self._data_position = {"epoch": self.current_epoch, "batches": batch_idx + 1}
+        if self.parts:
+            metrics = {**metrics, **{f"{name}_loss": loss[p].detach() for p, name in enumerate(self.parts) if units[p] > 0}}
+            loss, objective = self.combine(loss), self.combine(objective)
         self._log("train/loss", loss.detach(), prog_bar=True)
         for name, value in metrics.items():
             self._log(f"train/{name}", value)
         self._log("train/lr", self.lr_schedulers().get_last_lr()[0], exact=True)
         # Monitored by the checkpoint callback to keep the newest; counts this step (global_step is pre-increment here).
         self._log("trained_steps", self.global_step + 1)
-        return loss * units / (batch["window_units"].float() / scale)
+        return objective
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         self._clock = time.perf_counter()
@@ -168,8 +191,16 @@ class PostTrainingModule(pl.LightningModule):
         self._log("train/tokens_per_s", batch["attention_mask"].sum() / (time.perf_counter() - self._clock))
 
     # ---- validation -------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = self._val_units = None
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         loss, metrics, units = self.step(self, batch)
+        if self.parts:  # summed per part; the epoch's per-part means are combined in on_validation_epoch_end
+            sums, units = (loss * units).detach().double(), units.double()
+            self._val_sums = sums if self._val_sums is None else self._val_sums + sums
+            self._val_units = units if self._val_units is None else self._val_units + units
+            return
         # Weighted by tokens (or pairs), the epoch mean is the mean over the whole split.
         n = int(units)
         self._log("val/loss", loss, batch_size=n, prog_bar=True, sync_dist=True)
@@ -177,14 +208,22 @@ class PostTrainingModule(pl.LightningModule):
             self._log(f"val/{name}", value, batch_size=n, sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
+        if self.parts and self._val_sums is not None:
+            means = (self._val_sums / self._val_units.clamp(min=1)).float()
+            self._log("val/loss", self.combine(means), prog_bar=True)
+            for p, name in enumerate(self.parts):
+                self._log(f"val/{name}_loss", means[p])
         if self.trainer.sanity_checking:
             return
         self.last_validated_step = self.global_step
         if self.cfg.val_generate_samples == 0 or not self.generates:
             return
+        if self.generates == "verdicts":
+            self.validate_verdicts()
+            return
         rows = self.val_set.rows[: self.cfg.val_generate_samples]
         answers = self.generate([r["messages"] for r in rows])
-        has_final = "####" in rows[0]["reference"]  # GSM8K format: a final numeric answer to check
+        has_final = has_final_answer(rows[0]["reference"])  # GSM8K or MATH format: a final answer to check
         self.last_generations = [
             {"prompt": r["messages"][-2]["content"], "reference": r["reference"], "generated": a,
              "edit_distance": edit_distance(a, r["reference"]), "correct": answers_match(a, r["reference"]) if has_final else None}
@@ -193,10 +232,49 @@ class PostTrainingModule(pl.LightningModule):
         self._log("val/edit_distance", sum(g["edit_distance"] for g in self.last_generations) / len(rows))
         if has_final:
             self._log("val/accuracy", sum(g["correct"] for g in self.last_generations) / len(rows), prog_bar=True)
-        if self.trainer.is_global_zero:  # every answer on disk, to read what the metrics summarise
+        if self.cfg.calculate_win_rate:  # against --win-rate-baseline's answers, judged by --win-rate-judge
+            from win_rate import validation_win_rate
+
+            result = validation_win_rate([r["messages"][:-1] for r in rows], answers, self.cfg.win_rate_baseline,
+                                         self.cfg.win_rate_judge, self.cfg.run_dir / "win_rate", self._judges)
+            self._log("val/win_rate", result["win_rate"], prog_bar=True)
+        self._save_generations(self.last_generations)
+
+    def _save_generations(self, rows: list[dict]) -> None:
+        """Every generated answer or verdict on disk, to read what the metrics summarise."""
+        if self.trainer.is_global_zero:
             path = self.cfg.run_dir / "generations" / f"step-{self.global_step}.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("".join(json.dumps(g) + "\n" for g in self.last_generations))
+            path.write_text("".join(json.dumps(g) + "\n" for g in rows))
+
+    def validate_verdicts(self) -> None:
+        """The validation verifier score: p("Yes") after --val-verifier-rationales sampled rationales on the first
+        --val-generate-samples verification rows, against their labels (AUC, accuracy at 0.5, mean per label)."""
+        from extension.verifier import score_prompts
+
+        rows = [r for r in self.val_set.rows if r["part"] == "verify"][: self.cfg.val_generate_samples]
+        if not rows:
+            return
+        k = self.cfg.val_verifier_rationales
+        scores = score_prompts(
+            self.model, self.tokenizer, [generation_prompt_ids(self.tokenizer, r["messages"]) for r in rows], k_min=k,
+            k_max=k, tau=0.0, temperature=self.cfg.verifier_temperature, max_new_tokens=self.cfg.max_new_tokens,
+            prompts_per_batch=max(1, self.cfg.batch_size * 4 // k), seed=self.cfg.seed, progress=self.cfg.verbose)
+        labels = [r["label"] == "Yes" for r in rows]
+        values = [s.score for s in scores]
+        self.last_generations = [
+            {"prompt": r["messages"][0]["content"], "label": r["label"], "score": s.score, "normalized": s.normalized,
+             "p_yes": s.p_yes, "rationales": s.rationales, "reference": r["reference"]} for r, s in zip(rows, scores)
+        ]
+        self._log("val/verifier_accuracy", sum((v >= 0.5) == y for v, y in zip(values, labels)) / len(rows), prog_bar=True)
+        area = auc(values, labels)
+        if area is not None:  # both labels present
+            self._log("val/verifier_auc", area)
+        for label, name in ((True, "yes"), (False, "no")):
+            group = [v for v, y in zip(values, labels) if y == label]
+            if group:
+                self._log(f"val/verifier_score_{name}", sum(group) / len(group))
+        self._save_generations(self.last_generations)
 
     def generate(self, conversations: list[list[dict]]) -> list[str]:
         """Greedy answers to the last user turn of each conversation (its final assistant turn is the reference)."""

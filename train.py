@@ -17,6 +17,7 @@ Print the resolved configuration without running anything:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -30,25 +31,33 @@ from collate_functions import (
     ChatTemplateError,
     PreferenceCollator,
     SFTCollator,
+    VerifierCollator,
     tokenize_pair,
     tokenize_sft,
+    tokenize_verifier,
 )
 from config import ConfigError, TrainConfig, redact, resolve, save, to_yaml
 from custom_dataset import CustomDataset, DataError
+from losses.sft import VERIFIER_PARTS, genrm_combine
 from models import load_causal_lm, load_reward_model
-from module import bt_step, dpo_step, sft_step
+from module import bt_step, dpo_step, sft_step, verifier_step
 
 log = logging.getLogger("train")
 
 # What each training type runs: how a row becomes features, how features become a batch, which model is
-# trained, the step that turns a batch into a loss (module.py, with the loss itself in losses/), and whether
-# validation also generates answers. sft_verifier is refused by config.validate until its issue lands.
+# trained, the step that turns a batch into a loss (module.py, with the loss itself in losses/), what validation
+# generates (answers checked against the reference, or verification verdicts scored against their labels), and
+# for a loss of several parts, their names and how they are weighed.
 TRAINING_TYPES = {
-    "sft": {"tokenize": tokenize_sft, "collator": SFTCollator, "model": load_causal_lm, "step": sft_step, "generates": True},
+    "sft": {"tokenize": tokenize_sft, "collator": SFTCollator, "model": load_causal_lm, "step": sft_step,
+            "generates": "answers"},
     "dpo": {"tokenize": tokenize_pair, "collator": PreferenceCollator, "model": load_causal_lm, "step": dpo_step,
-            "generates": True},
+            "generates": "answers"},
     "bt": {"tokenize": tokenize_pair, "collator": PreferenceCollator, "model": load_reward_model, "step": bt_step,
-           "generates": False},
+           "generates": None},
+    "sft_verifier": {"tokenize": tokenize_verifier, "collator": VerifierCollator, "model": load_causal_lm,
+                     "step": verifier_step, "generates": "verdicts", "parts": VERIFIER_PARTS,
+                     "combine": lambda cfg: functools.partial(genrm_combine, lam=cfg.lambda_)},
 }
 
 
@@ -175,7 +184,8 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> dict:
     ref_model = reference_model(cfg, tokenizer, [train_set, val_set], collator) if cfg.training_type == "dpo" else None
     model = kind["model"](cfg.model_name)
     module = PostTrainingModule(cfg, model, tokenizer, train_set, val_set, step=kind["step"], collator=collator,
-                                ref_model=ref_model, generates=kind["generates"])
+                                ref_model=ref_model, generates=kind["generates"], parts=kind.get("parts"),
+                                combine=kind["combine"](cfg) if "combine" in kind else None)
     trainer = build_trainer(cfg, callbacks)
     results: dict = {"run_dir": str(cfg.run_dir)}
     started = time.time()
@@ -195,7 +205,11 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> dict:
         tokenizer.save_pretrained(final)
         print(f"final model (Hugging Face format): {final}")
     for sample in module.last_generations[:3]:
-        print(f"--- {sample['prompt']}\n    generated: {sample['generated']!r}\n    reference: {sample['reference']!r}")
+        if "generated" in sample:
+            print(f"--- {sample['prompt']}\n    generated: {sample['generated']!r}\n    reference: {sample['reference']!r}")
+        else:  # a verdict
+            print(f"--- {sample['prompt']}\n    label {sample['label']}, score {sample['score']:.3f}, "
+                  f"first rationale: {sample['rationales'][0]!r}")
     return results
 
 

@@ -250,11 +250,14 @@ def read_genrm(path: Path, report: Report) -> Collected:
     return out
 
 
-def read_synthetic(num_problems: int, seed: int) -> Collected:
+def read_synthetic(num_problems: int, seed: int, levels: tuple[int, ...] = (1, 2, 3), held_out: int = 0) -> Collected:
     """Verification rows from `synthetic_math`: every other problem gets a wrong solution (one slip, see
-    `wrong_steps`), and its rationale checks the solution step by step against the known computation."""
+    `wrong_steps`), and its rationale checks the solution step by step against the known computation.
+
+    The first `held_out` problems are fixed to validation (the held-out problems of `synthetic_math.build_dataset`
+    with the same seed and levels, so SFT, DPO and the verifier never train on them); the others are carved."""
     out = Collected()
-    for index, problem in enumerate(synthetic_math.generate_problems(num_problems, seed)):
+    for index, problem in enumerate(synthetic_math.generate_problems(num_problems, seed, levels)):
         steps = problem.steps
         if index % 2:
             steps, _ = synthetic_math.wrong_steps(problem, random.Random(f"{seed}-{problem.id}"))
@@ -264,7 +267,7 @@ def read_synthetic(num_problems: int, seed: int) -> Collected:
                                      "Yes" if is_correct else "No", "synthetic_math"))
         out.correct.append({"question_id": problem.id, "question": problem.question,
                             "solution": synthetic_math.correct_solution(problem)})
-        out.carve_ids.add(problem.id)
+        (out.val_ids if index < held_out else out.carve_ids).add(problem.id)
     return out
 
 

@@ -8,6 +8,7 @@ import string
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -42,23 +43,27 @@ def char_tokenizer():
     return make_char_tokenizer()
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """A local model folder: 2-layer Llama, hidden size 64, with the character tokenizer."""
+def make_tiny_llama(folder: Path, hidden_size: int = 64) -> Path:
+    """A local model folder: a 2-layer Llama of ``hidden_size`` with the character tokenizer."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = make_char_tokenizer()
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
     )
     torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-llama")
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A local model folder: 2-layer Llama, hidden size 64, with the character tokenizer."""
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -75,3 +80,16 @@ def tiny_run_args(tiny_model_dir, tmp_path):
         "--max-length", "256", "--max-new-tokens", "16", "--val-generate-samples", "4", "--num-sanity-val-steps", "0",
         "--storage-path", str(tmp_path / "runs"), "--name", "tiny", "--no-verbose", "--seed", "0",
     ]
+
+
+class Recorder(pl.Callback):
+    """Keeps the loss of every micro-batch and the gradients seen before each optimizer step."""
+
+    def __init__(self):
+        self.losses, self.grads = [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.grads.append({n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None})

@@ -7,22 +7,10 @@ import csv
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import Recorder
 
 import train
 from config import resolve
-
-
-class Recorder(pl.Callback):
-    """Keeps the loss of every micro-batch and the gradients seen before each optimizer step."""
-
-    def __init__(self):
-        self.losses, self.grads = [], []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.losses.append(float(outputs["loss"]))
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        self.grads.append({n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None})
 
 
 class Crash(pl.Callback):

@@ -1,0 +1,88 @@
+"""Math accuracy: final answers checked with math-verify, GSM8K ('#### N') and MATH ('\\boxed{}') references.
+
+Reads predictions written by inference.py (rows with ``completion`` and ``reference``), or first generates them
+(greedy, resumable) from --model-name on --dataset-name. Writes ``results.jsonl`` (one row per problem: the
+answer read, the gold answer, correct or not) and ``summary.json`` (accuracy with its 95% Wilson interval) to
+--output-dir. Equivalent forms count as equal (``0.5`` and ``\\frac{1}{2}``, ``1,000`` and ``1000``).
+
+    python evaluate_math.py --model-name runs/sft-smollm2-math/final_model --dataset-name synthetic-math \\
+        --synthetic-levels 1,2 --limit 100 --output-dir runs/math-sft
+    python evaluate_math.py --predictions runs/inference/sft.jsonl --output-dir runs/math-sft
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from metrics import check, gold_answer, has_final_answer, wilson_interval
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--predictions", help="A jsonl written by inference.py (completion and reference per row).")
+    source.add_argument("--model-name", help="Generate greedy answers with this model first (needs --dataset-name).")
+    parser.add_argument("--dataset-name", help="GSM8K- or MATH-format dataset, as for train.py (its test split).")
+    parser.add_argument("--synthetic-levels", default="1,2,3", help="Levels for --dataset-name synthetic-math.")
+    parser.add_argument("--limit", type=int, default=None, help="Only the first N problems.")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="Answer budget when generating.")
+    parser.add_argument("--batch-size", type=int, default=16, help="Prompts per generation batch.")
+    parser.add_argument("--output-dir", required=True, help="results.jsonl and summary.json go here.")
+    args = parser.parse_args(argv)
+    if args.model_name and not args.dataset_name:
+        parser.error("--model-name needs --dataset-name (the problems to answer)")
+    return args
+
+
+def score(rows: list[dict]) -> tuple[list[dict], dict]:
+    """Per-problem results and the summary of prediction rows (``id``, ``completion``, ``reference``)."""
+    import math_verify
+
+    results = []
+    for number, row in enumerate(rows):
+        reference = row.get("reference")
+        if not isinstance(reference, str) or not has_final_answer(reference):
+            raise ValueError(f"prediction row {number} (id {row.get('id')}): its reference has no '#### N' or \\boxed{{}} "
+                             "final answer to check against")
+        gold = math_verify.parse(gold_answer(reference))
+        answer, correct = check(row["completion"], gold)
+        results.append({"id": row.get("id", str(number)), "answer": answer, "gold": str(gold[-1]) if gold else "",
+                        "correct": correct, "completion": row["completion"]})
+    n, right = len(results), sum(r["correct"] for r in results)
+    low, high = wilson_interval(right, n)
+    return results, {"problems": n, "correct": right, "accuracy": right / n if n else 0.0, "ci95": [low, high]}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    predictions = Path(args.predictions) if args.predictions else out / "predictions.jsonl"
+    if args.model_name:
+        import inference
+
+        inference.main(["--model-name", args.model_name, "--dataset-name", args.dataset_name, "--synthetic-levels",
+                        args.synthetic_levels, "--output", str(predictions), "--max-new-tokens", str(args.max_new_tokens),
+                        "--batch-size", str(args.batch_size), *(["--limit", str(args.limit)] if args.limit else [])])
+    if not predictions.is_file():
+        print(f"evaluate_math.py: --predictions {predictions}: no such file", file=sys.stderr)
+        raise SystemExit(2)
+    rows = [json.loads(line) for line in predictions.read_text().splitlines() if line.strip()][: args.limit]
+    try:
+        results, summary = score(rows)
+    except (ValueError, KeyError) as exc:
+        print(f"evaluate_math.py: {predictions}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    low, high = summary["ci95"]
+    print(f"accuracy {100 * summary['accuracy']:.1f}% ({summary['correct']}/{summary['problems']}), "
+          f"95% CI [{100 * low:.1f}%, {100 * high:.1f}%]; per-problem results in {out / 'results.jsonl'}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

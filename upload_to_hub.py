@@ -1,0 +1,151 @@
+"""Turn a training checkpoint into a standard Hugging Face model folder, with a model card, and push it to the Hub.
+
+The checkpoint is a Lightning ``.ckpt`` written by ``train.py`` (a file, a run's ``checkpoints/`` folder or run
+folder, meaning its ``last.ckpt``), local or on S3 (``s3://bucket/key``, read with boto3 and credentials from the
+environment). The model is rebuilt from the training config stored in the checkpoint, given the trained weights,
+and saved with ``save_pretrained`` (config, safetensors weights, generation config), with the tokenizer and its chat
+template; for ``--training-type bt`` the reward head (a one-output sequence-classification model). The model card
+(README.md) holds the training config (secrets redacted) and the final validation metrics of the run.
+
+    python upload_to_hub.py --checkpoint-path runs/sft-smollm2-math --repo-id me/smollm2-math-sft --training-type sft
+    python upload_to_hub.py --checkpoint-path runs/sft-smollm2-math/checkpoints/last.ckpt --local-dir /tmp/export \\
+        --training-type sft        # export only, no push
+
+Pushing needs a Hugging Face write token in HF_TOKEN; the repo is created private unless --public.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from config import TRAINING_TYPES, redact
+
+
+class ExportError(ValueError):
+    """A checkpoint that cannot be exported; the message names the path or flag."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint-path", required=True, help="A .ckpt file, a run or checkpoints folder, or s3://bucket/key.")
+    parser.add_argument("--repo-id", help="Hub model repo to push to (owner/name).")
+    parser.add_argument("--training-type", required=True, choices=TRAINING_TYPES, help="What the checkpoint was trained as.")
+    parser.add_argument("--local-dir", help="Export here (default: a temporary folder, removed after the push).")
+    parser.add_argument("--public", action="store_true", help="Create the repo public (default: private).")
+    args = parser.parse_args(argv)
+    if args.repo_id is None and args.local_dir is None:
+        parser.error("give --repo-id (push), --local-dir (export only), or both")
+    if args.repo_id is not None and not os.environ.get("HF_TOKEN"):
+        parser.error(f"--repo-id {args.repo_id} needs a Hugging Face write token in the HF_TOKEN environment variable")
+    return args
+
+
+def fetch_checkpoint(path: str, workdir: Path) -> Path:
+    """The local ``.ckpt`` file ``path`` names (an S3 object is downloaded into ``workdir``)."""
+    if path.startswith("s3://"):
+        try:
+            import boto3
+        except ImportError as exc:
+            raise ExportError(f"--checkpoint-path {path}: reading from S3 needs boto3 (pip install boto3)") from exc
+        bucket, _, key = path[len("s3://"):].partition("/")
+        target = workdir / Path(key).name
+        boto3.client("s3").download_file(bucket, key, str(target))
+        return target
+    local = Path(path)
+    for candidate in (local, local / "last.ckpt", local / "checkpoints" / "last.ckpt"):
+        if candidate.is_file():
+            return candidate
+    raise ExportError(f"--checkpoint-path {path}: no checkpoint there (looked for the file, last.ckpt and checkpoints/last.ckpt)")
+
+
+def load_checkpoint_model(ckpt: Path, training_type: str):
+    """(model, tokenizer, training config dict) rebuilt from a ``train.py`` checkpoint."""
+    import torch
+
+    from models import load_causal_lm, load_reward_model, load_tokenizer
+
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
+    cfg = checkpoint.get("train_config")
+    if cfg is None or "state_dict" not in checkpoint:
+        raise ExportError(f"{ckpt}: not a train.py checkpoint (no train_config or state_dict)")
+    if cfg["training_type"] != training_type:
+        raise ExportError(f"--training-type {training_type}, but {ckpt} was trained as {cfg['training_type']}")
+    model = (load_reward_model if training_type == "bt" else load_causal_lm)(cfg["model_name"])
+    weights = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise ExportError(f"{ckpt}: weights do not fit {cfg['model_name']} (missing {sorted(set(missing) - tied)[:5]}, "
+                          f"unexpected {sorted(unexpected)[:5]})")
+    return model, load_tokenizer(cfg["model_name"]), cfg
+
+
+def final_metrics(ckpt: Path) -> dict[str, float]:
+    """The last logged value of every validation metric in the run's CSV logs (empty if they are not beside it)."""
+    run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    metrics: dict[str, float] = {}
+    for log in sorted(run.glob("csv/*/metrics.csv"), key=lambda p: p.stat().st_mtime):
+        with log.open() as handle:
+            for row in csv.DictReader(handle):
+                metrics.update({k: float(v) for k, v in row.items() if k.startswith("val/") and v})
+    return metrics
+
+
+def model_card(cfg: dict, metrics: dict[str, float], training_type: str) -> str:
+    config = redact(yaml.safe_dump({k.rstrip("_").replace("_", "-"): v for k, v in cfg.items()}, sort_keys=False))
+    lines = ["---", "library_name: transformers", "tags: [posttrain, " + training_type + "]", "---", "",
+             f"# {training_type} model trained with posttrain", "",
+             f"Trained from `{cfg['model_name']}` on `{cfg['dataset_name']}` with `train.py --training-type {training_type}`.", ""]
+    if metrics:
+        lines += ["## Final validation metrics", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4g} |" for k, v in sorted(metrics.items())] + [""]
+    lines += ["## Training configuration", "", "```yaml", config.rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def export(ckpt: Path, training_type: str, folder: Path) -> Path:
+    """Write the Hugging Face folder of ``ckpt`` to ``folder``."""
+    model, tokenizer, cfg = load_checkpoint_model(ckpt, training_type)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    (folder / "README.md").write_text(model_card(cfg, final_metrics(ckpt), training_type))
+    return folder
+
+
+def push(folder: Path, repo_id: str, private: bool) -> str:
+    """Create (if needed) and upload to the hub repo; returns its URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=os.environ["HF_TOKEN"])
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
+                      commit_message="Upload from posttrain upload_to_hub.py")
+    return f"https://huggingface.co/{repo_id}"
+
+
+def main(argv: list[str] | None = None) -> Path | None:
+    args = parse_args(argv)
+    try:
+        with tempfile.TemporaryDirectory(prefix="upload-") as tmp:
+            ckpt = fetch_checkpoint(args.checkpoint_path, Path(tmp))
+            folder = export(ckpt, args.training_type, Path(args.local_dir) if args.local_dir else Path(tmp) / "export")
+            print(f"exported {ckpt} to {folder}")
+            if args.repo_id:
+                print(f"pushed to {push(folder, args.repo_id, private=not args.public)}"
+                      f" ({'public' if args.public else 'private'})")
+            return Path(args.local_dir) if args.local_dir else None
+    except (ExportError, OSError) as exc:
+        print(f"upload_to_hub.py: {redact(str(exc))}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
