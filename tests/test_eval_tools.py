@@ -274,3 +274,15 @@ def test_export_of_a_reward_model_keeps_its_head(tmp_path, tiny_run_args):
     state = torch.load(cfg.run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     torch.testing.assert_close(exported.score.weight, state["model.score.weight"])
     assert exported.config.num_labels == 1
+
+
+def test_validation_accuracy_reads_math_format_data(tmp_path, tiny_run_args):
+    """MATH rows (problem, solution with \\boxed{}) train and validate, with the math-verify answer accuracy."""
+    rows = [{"problem": f"What is {i} + 1?", "solution": f"{i} + 1 = {i + 1}, so the answer is $\\boxed{{{i + 1}}}$."}
+            for i in range(12)]
+    path = write_jsonl(tmp_path / "math.jsonl", rows)
+    cfg, _ = resolve([*tiny_run_args, "--dataset-name", str(path), "--test-size", "0.34", "--max-steps", "1"])
+    after = train.run(cfg)["after"]
+    assert 0.0 <= after["val/accuracy"] <= 1.0
+    generations = (cfg.run_dir / "generations" / "step-1.jsonl").read_text().splitlines()
+    assert all(json.loads(g)["correct"] in (True, False) for g in generations)
