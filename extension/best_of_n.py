@@ -21,7 +21,7 @@ interrupted evaluation resumes. Results: results.json, table.md and best_of_n.pn
 
     python extension/best_of_n.py --verifier runs/genrm-smollm2-math/final_model \\
         --generator runs/dpo-smollm2-math/final_model --dataset synthetic-math --synthetic-levels 1,2 \\
-        --num-problems 30 --n 8 --output-dir runs/best-of-n
+        --num-problems 16 --n 8 --output-dir runs/best-of-n
     python extension/best_of_n.py --verifier my-verifier --candidates genrm-critiques/critiques/data_collection \\
         --num-problems 50 --n 8 --output-dir runs/best-of-n-gsm8k
 """
