@@ -1,0 +1,107 @@
+"""FP8 training: which linear layers can run in FP8, and converting them with one of two backends.
+
+* ``te``: NVIDIA Transformer Engine (``te.Linear`` under ``te.fp8_autocast`` with a ``DelayedScaling`` recipe),
+  what ``--precision transformer-engine`` uses.
+* ``torchao``: PyTorch's own float8 training (``torchao.float8``, dynamic tensorwise scaling, best under
+  ``torch.compile``), a small pure-Python install used where Transformer Engine cannot be installed.
+
+Both run FP8 matrix products only; norms, attention, softmax and the loss stay in the weights' dtype. FP8 GEMMs
+need the inner and outer dimensions of each weight to be multiples of 16; a layer that is not is kept in high
+precision and reported, never skipped silently. The output head is kept in high precision too: its logits feed
+the loss directly, and in tied models it shares its weight with the input embeddings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+log = logging.getLogger(__name__)
+
+FP8_BACKENDS = ("te", "torchao")
+FP8_FORMATS = ("HYBRID", "E4M3")  # HYBRID: E4M3 forward, E5M2 gradients (Transformer Engine's recommendation)
+FP8_MULTIPLE = 16
+
+
+@dataclass
+class Fp8Plan:
+    """Which ``nn.Linear`` layers (by qualified name) run in FP8, and why the others do not."""
+
+    convert: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        lines = [f"FP8: {len(self.convert)} linear layers converted, {len(self.skipped)} kept in high precision"]
+        lines += [f"  {name}: {why}" for name, why in self.skipped.items()]
+        return "\n".join(lines)
+
+
+def fp8_plan(model: torch.nn.Module) -> Fp8Plan:
+    """Every ``nn.Linear`` of ``model``: to convert, or kept with the reason (output head, dimensions)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    plan = Fp8Plan()
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        if module is head:
+            plan.skipped[name] = "output head (its logits feed the loss; kept in high precision)"
+        elif module.in_features % FP8_MULTIPLE or module.out_features % FP8_MULTIPLE:
+            plan.skipped[name] = (f"shape {module.out_features}x{module.in_features}: FP8 GEMMs need both dimensions "
+                                  f"to be multiples of {FP8_MULTIPLE}")
+        else:
+            plan.convert.append(name)
+    return plan
+
+
+def te_recipe(fp8_format: str = "HYBRID", amax_history_len: int = 16, margin: int = 0):
+    """Transformer Engine's delayed-scaling recipe: the scale of each tensor comes from the maximum of its last
+    ``amax_history_len`` absolute maxima, with ``2**margin`` of headroom."""
+    from transformer_engine.common.recipe import DelayedScaling, Format
+
+    return DelayedScaling(fp8_format=getattr(Format, fp8_format), amax_history_len=amax_history_len,
+                          amax_compute_algo="max", margin=margin)
+
+
+def _replace(model: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def convert_to_fp8(model: torch.nn.Module, backend: str) -> Fp8Plan:
+    """Swap the FP8-capable linear layers of ``model`` in place (weights kept); returns the plan, logged."""
+    if backend not in FP8_BACKENDS:
+        raise ValueError(f"unknown FP8 backend {backend!r}; choose one of {', '.join(FP8_BACKENDS)}")
+    plan = fp8_plan(model)
+    if backend == "torchao":
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+        chosen = set(plan.convert)
+        convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name("tensorwise"),
+                                   module_filter_fn=lambda module, fqn: fqn in chosen)
+    else:
+        import transformer_engine.pytorch as te
+
+        for name in plan.convert:
+            old = model.get_submodule(name)
+            new = te.Linear(old.in_features, old.out_features, bias=old.bias is not None,
+                            params_dtype=old.weight.dtype, device=old.weight.device)
+            with torch.no_grad():
+                new.weight.copy_(old.weight)
+                if old.bias is not None:
+                    new.bias.copy_(old.bias)
+            _replace(model, name, new)
+    log.info("%s", plan.summary())
+    return plan
+
+
+def fp8_context(backend: str | None, recipe=None) -> contextlib.AbstractContextManager:
+    """The context the forward pass runs in: ``te.fp8_autocast`` for Transformer Engine, nothing otherwise
+    (torchao's float8 layers scale and cast by themselves)."""
+    if backend == "te":
+        import transformer_engine.pytorch as te
+
+        return te.fp8_autocast(enabled=True, fp8_recipe=recipe if recipe is not None else te_recipe())
+    return contextlib.nullcontext()

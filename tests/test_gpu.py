@@ -1,0 +1,66 @@
+"""GPU-only checks: FP8 training tracks bf16. Skipped cleanly without a CUDA GPU of compute capability 8.9+
+(Ada, Hopper) or without an FP8 backend (Transformer Engine or torchao); run with ``pytest -m gpu``."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from losses.logprobs import IGNORE_INDEX, token_logprobs
+from losses.sft import sft_loss
+from precision import FP8_BACKENDS, convert_to_fp8, fp8_context
+
+pytestmark = pytest.mark.gpu
+
+HAS_FP8_GPU = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+BACKEND_MODULES = {"te": "transformer_engine", "torchao": "torchao"}
+STEPS, WINDOW = 300, 25
+
+
+def copy_task_curve(backend: str | None, steps: int = STEPS) -> list[float]:
+    """SFT losses of a 4-layer Llama learning to copy a random 64-token prefix, bf16 weights, FP8 if ``backend``.
+    Same initial weights and batches for every backend."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256)
+    model = LlamaForCausalLM(config).cuda().to(torch.bfloat16)
+    if backend:
+        plan = convert_to_fp8(model, backend)
+        assert len(plan.convert) == 4 * 7 and list(plan.skipped) == ["lm_head"]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    generator = torch.Generator(device="cuda").manual_seed(1)
+    losses = []
+    for _ in range(steps):
+        prefix = torch.randint(0, 256, (32, 64), generator=generator, device="cuda")
+        ids = torch.cat([prefix, prefix], dim=1)
+        labels = ids.clone()
+        labels[:, :64] = IGNORE_INDEX  # the loss is on the copy only
+        with fp8_context(backend):
+            logps, mask = token_logprobs(model, ids, None, labels)
+        loss = sft_loss(logps, mask)[0]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+def window_means(losses: list[float]) -> list[float]:
+    return [sum(losses[i:i + WINDOW]) / WINDOW for i in range(0, len(losses), WINDOW)]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_FP8_GPU, reason="needs a CUDA GPU with FP8 (compute capability 8.9+)")
+@pytest.mark.parametrize("backend", FP8_BACKENDS)
+def test_fp8_loss_tracks_bf16(backend):
+    if importlib.util.find_spec(BACKEND_MODULES[backend]) is None:
+        pytest.skip(f"{BACKEND_MODULES[backend]} is not installed")
+    bf16, fp8 = window_means(copy_task_curve(None)), window_means(copy_task_curve(backend))
+    print(f"\n25-step mean losses, bf16: {[round(x, 3) for x in bf16]}\n{backend} fp8: {[round(x, 3) for x in fp8]}")
+    assert bf16[-1] < 0.5 * bf16[0], "the bf16 run itself did not learn the copy task"
+    for step, (a, b) in enumerate(zip(bf16, fp8)):
+        assert abs(a - b) <= 0.15 * a + 0.05, f"window {step * WINDOW}-{(step + 1) * WINDOW}: bf16 {a:.3f}, fp8 {b:.3f}"
