@@ -9,7 +9,6 @@ user turns, role headers, the newline after end-of-turn, padding) gets label -10
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -192,11 +191,13 @@ def feature_length(feature: dict) -> int:
 class LengthGroupedBatchSampler:
     """Batches of similar length (little padding), in a seeded random order that is new each epoch.
 
-    Indices are shuffled, cut into mega-batches of ``group`` batches (small enough that batches
+    Indices are shuffled, cut into mega-batches of ``group`` global batches (small enough that batches
     differ between epochs even on a few hundred rows), sorted by length inside each,
-    then cut into batches whose order is shuffled again. With ``shuffle=False`` batches are sorted by
-    length. Resumable: ``skip_batches(epoch, n)`` makes the iteration of ``epoch`` start at batch ``n``.
-    Distributed: each of ``world_size`` ranks gets every ``world_size``-th batch (same count on all).
+    then cut into global batches (``batch_size`` x ``world_size`` rows) whose order is shuffled again. With
+    ``shuffle=False`` batches are sorted by length. Resumable: ``skip_batches(epoch, n)`` makes the iteration of
+    ``epoch`` start at batch ``n``. Distributed: each step's global batch is split into ``world_size`` consecutive
+    slices, rank r taking slice r; so the rows of every optimizer step are the same for 2 workers of batch B as for
+    1 worker of batch 2B, and only the arithmetic is spread out.
     """
 
     def __init__(self, lengths: list[int], targets: list[int], batch_size: int, accumulate: int = 1,
@@ -214,33 +215,42 @@ class LengthGroupedBatchSampler:
         self._skip = (epoch, n)
 
     def plan(self, epoch: int) -> list[list[int]]:
-        """All batches of ``epoch`` for all ranks, in order (rank r takes batches r, r + world, ...)."""
+        """The global batches of ``epoch`` (all ranks' rows of each step), in order."""
+        size = self.batch_size * self.world_size
         order = list(range(len(self.lengths)))
         if not self.shuffle:
             order.sort(key=lambda i: -self.lengths[i])
-            return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+            return [order[i:i + size] for i in range(0, len(order), size)]
         rng = random.Random(self.seed * 1_000_003 + epoch)
         rng.shuffle(order)
-        mega = self.batch_size * self.group
+        mega = size * self.group
         batches = []
         for m in range(0, len(order), mega):
             chunk = sorted(order[m:m + mega], key=lambda i: -self.lengths[i])
-            batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+            batches += [chunk[i:i + size] for i in range(0, len(chunk), size)]
         rng.shuffle(batches)
         return batches
 
+    def _slices(self, batch: list[int]) -> list[list[int]]:
+        """A global batch split into ``world_size`` slices of ``batch_size`` (a short last batch: as even as can be)."""
+        per, extra = divmod(len(batch), self.world_size)
+        bounds = [r * per + min(r, extra) for r in range(self.world_size + 1)]
+        return [batch[bounds[r]:bounds[r + 1]] for r in range(self.world_size)]
+
+    def _steps(self) -> list[list[list[int]]]:
+        # A short global batch with fewer rows than ranks would leave a rank without data: it is left out.
+        return [self._slices(b) for b in self.plan(self.epoch) if len(b) >= self.world_size]
+
     def __len__(self) -> int:
-        return math.ceil(len(self.lengths) / self.batch_size) // self.world_size
+        n, size = len(self.lengths), self.batch_size * self.world_size
+        return n // size + (n % size >= self.world_size)
 
     def __iter__(self) -> Iterator[BatchPlan]:
-        batches = self.plan(self.epoch)
-        per_rank = len(batches) // self.world_size
-        # Rank r's k-th batch is batches[k * world + r]; a window is `accumulate` consecutive k on every rank.
-        steps = [batches[k * self.world_size:(k + 1) * self.world_size] for k in range(per_rank)]
+        steps = self._steps()
         start = 0
         if self._skip is not None and self._skip[0] == self.epoch:
             start, self._skip = self._skip[1], None
-        for k in range(start, per_rank):
+        for k in range(start, len(steps)):
             w0 = k - k % self.accumulate
             window = steps[w0:w0 + self.accumulate]
             units = [self.targets[i] for group in window for batch in group for i in batch]

@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml
 
+from storage import is_remote, join
+
 TRAINING_TYPES = ("sft", "dpo", "bt", "sft_verifier")
 # Training types whose issue has landed; the rest parse and then fail clearly.
 PRECISIONS = ("32", "bf16-mixed", "bf16-true", "transformer-engine", "transformer-engine-float16")
@@ -99,7 +101,18 @@ class TrainConfig:
     gradient_clip_val: float = _f(1.0, "Clip the gradient norm to this value (0 disables).")
     precision: str = _f("32", "Numeric precision of training.", choices=PRECISIONS)
     strategy: str = _f("auto", "Distribution strategy.", choices=STRATEGIES)
-    state_dict_type: str = _f("full", "Checkpoint layout for FSDP: one full file or sharded.", choices=("full", "sharded"))
+    state_dict_type: str = _f(
+        "full", "FSDP checkpoint layout: one full file gathered on rank 0, or one shard per worker (a folder).",
+        choices=("full", "sharded"))
+    zero_stage: int = _f(
+        2, "DeepSpeed ZeRO stage for --strategy deepspeed: 2 shards gradients and optimizer state, 3 also the weights.",
+        choices=(2, 3))
+    fp8_format: str = _f(
+        "HYBRID", "Transformer Engine FP8 format: HYBRID (E4M3 forward, E5M2 gradients) or E4M3 throughout.",
+        choices=("HYBRID", "E4M3"))
+    fp8_amax_history_len: int = _f(
+        16, "Transformer Engine delayed scaling: each FP8 scale comes from the largest |value| of this many past steps.")
+    fp8_margin: int = _f(0, "Transformer Engine delayed scaling: keep 2**margin of headroom below the FP8 maximum.")
     # Objective-specific.
     beta: float = _f(0.1, "DPO temperature beta.")
     lambda_: float = _f(0.1, "GenRM-CoT weight of the correct-solution SFT loss (flag --lambda).")
@@ -140,18 +153,29 @@ class TrainConfig:
     roundoff: int = _f(4, "Round logged and printed metric values to this many decimals.")
     verbose: bool = _f(True, "Progress bars and per-step printing; --no-verbose keeps only summaries.")
     # Hardware and Ray.
-    use_gpu: bool = _f(False, "Train on CUDA GPUs.")
-    use_ray: bool = _f(False, "Run as a Ray Train job.")
-    num_workers: int = _f(1, "Training workers (processes; one per GPU with --use-gpu). More than 1 needs --use-ray.")
-    accelerator_type: str | None = _f(None, "Ray accelerator type of each worker, e.g. H100, A100, T4.")
+    use_gpu: bool = _f(False, "Train on CUDA GPUs (implied by --accelerator-type and the transformer-engine precisions).")
+    use_ray: bool = _f(False, "Run as a Ray Train job (on the cluster of RAY_ADDRESS or `ray job submit`, else a local Ray).")
+    num_workers: int = _f(
+        1, "Training processes, one per GPU with --use-gpu: Ray workers with --use-ray, else processes on this machine.")
+    accelerator_type: str | None = _f(None, "Ray accelerator type of each worker's GPU, e.g. H100, A100, T4 (implies --use-gpu).")
     placement_strategy: str = _f(
         "PACK", "Ray placement of the workers.", choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
     )
-    max_failures: int = _f(0, "Ray: restart a failed run from its last checkpoint up to this many times.")
+    max_failures: int = _f(0, "Ray: restart the workers from the last checkpoint after up to this many failures (-1: always).")
+
+    @property
+    def storage_dir(self) -> str:
+        """Where this run's checkpoints, logs and resolved config are kept: a folder, or an object-store URI."""
+        return join(self.storage_path, str(self.name))
 
     @property
     def run_dir(self) -> Path:
-        """Folder of this run: checkpoints, logs and the resolved config."""
+        """The local folder this process writes the run's files to: ``storage_dir`` itself when that is a folder, else
+        a scratch folder that Ray jobs copy up to it (``distributed.sync_run_files``)."""
+        if is_remote(self.storage_path):
+            import tempfile
+
+            return Path(tempfile.gettempdir()) / "posttrain-runs" / str(self.name)
         return Path(self.storage_path) / str(self.name)
 
     def levels(self) -> tuple[int, ...]:
@@ -303,23 +327,62 @@ def validate(cfg: TrainConfig) -> list[str]:
     if cfg.name is not None:
         need(re.fullmatch(r"[A-Za-z0-9._-]+", cfg.name) is not None and cfg.name not in (".", ".."),
              f"--name may hold only letters, digits, '.', '_' and '-', got {cfg.name!r}")
-    need(cfg.state_dict_type == "full" or cfg.strategy == "fsdp", "--state-dict-type sharded needs --strategy fsdp")
-    need(cfg.num_workers == 1 or cfg.use_ray, "--num-workers above 1 needs --use-ray (local runs use one process)")
-    # Parts of the design whose issue has not landed yet: parse, then refuse clearly.
-    need(not cfg.use_ray, "--use-ray is not yet available in this version: run without it")
-    need(cfg.strategy in ("auto", "ddp"), f"--strategy {cfg.strategy} is not yet available in this version (available: auto, ddp)")
-    need(not cfg.precision.startswith("transformer-engine"),
-         f"--precision {cfg.precision} is not yet available in this version (available: 32, bf16-mixed, bf16-true)")
+    problems += distribution_problems(cfg)
     if cfg.calculate_win_rate:
         need(cfg.win_rate_baseline is not None and cfg.win_rate_judge is not None,
              "--calculate-win-rate needs --win-rate-baseline (an inference.py output) and --win-rate-judge")
         need(cfg.win_rate_baseline is None or Path(cfg.win_rate_baseline).is_file(),
              f"--win-rate-baseline {cfg.win_rate_baseline}: no such file")
         need(cfg.training_type in ("sft", "dpo"), "--calculate-win-rate judges generated answers: --training-type sft or dpo")
-    if cfg.use_gpu:
-        import torch
+    if not cfg.use_ray:  # a Ray driver may have no GPU: its workers check their own machine (hardware_problems)
+        problems += hardware_problems(cfg)
+    return problems
 
-        need(torch.cuda.is_available(), "--use-gpu was given but PyTorch sees no CUDA device on this machine")
+
+def distribution_problems(cfg: TrainConfig) -> list[str]:
+    """Strategy, precision, worker and storage settings that do not combine, as messages naming the flags."""
+    problems = []
+
+    def need(cond: bool, message: str) -> None:
+        if not cond:
+            problems.append(message)
+
+    fp8 = cfg.precision.startswith("transformer-engine")
+    need(cfg.state_dict_type == "full" or cfg.strategy == "fsdp", "--state-dict-type sharded needs --strategy fsdp")
+    need(not (fp8 and cfg.strategy in ("fsdp", "deepspeed")),
+         f"--precision {cfg.precision} with --strategy {cfg.strategy}: Lightning's Transformer Engine plugin works with "
+         "--strategy ddp (or auto) only, since FSDP and DeepSpeed bring their own precision plugins; use --strategy ddp, "
+         "or --precision bf16-mixed with FSDP/DeepSpeed")
+    need(not fp8 or cfg.use_gpu, f"--precision {cfg.precision} runs FP8 on NVIDIA GPUs (H100/Ada): add --use-gpu")
+    need(cfg.strategy != "deepspeed" or cfg.use_gpu, "--strategy deepspeed needs GPUs (add --use-gpu); on CPU use ddp or fsdp")
+    need(cfg.max_failures >= -1, f"--max-failures must be -1 (always restart) or more, got {cfg.max_failures}")
+    need(cfg.max_failures == 0 or cfg.use_ray, "--max-failures restarts Ray workers after a failure: add --use-ray")
+    need(cfg.accelerator_type is None or cfg.use_ray, "--accelerator-type picks Ray workers' GPUs: add --use-ray")
+    need(not is_remote(cfg.storage_path) or cfg.use_ray,
+         f"--storage-path {cfg.storage_path}: object stores are written by Ray jobs; add --use-ray, or train to a local "
+         "folder and copy it up")
+    if cfg.resume_from_checkpoint not in (None, "last") and not is_remote(cfg.resume_from_checkpoint):
+        need(Path(cfg.resume_from_checkpoint).exists(), f"--resume-from-checkpoint {cfg.resume_from_checkpoint}: no such file or folder")
+    return problems
+
+
+def hardware_problems(cfg: TrainConfig) -> list[str]:
+    """What this machine lacks for ``cfg``: CUDA, Transformer Engine, DeepSpeed. Checked before any model loads,
+    on the machine that trains (here, or on each Ray worker)."""
+    import importlib.util
+
+    import torch
+
+    problems = []
+    where = "this Ray worker" if cfg.use_ray else "this machine"
+    if cfg.use_gpu and not torch.cuda.is_available():
+        problems.append(f"--use-gpu (or --accelerator-type / a transformer-engine precision) needs CUDA, and PyTorch "
+                        f"sees no CUDA device on {where}")
+    if cfg.precision.startswith("transformer-engine") and importlib.util.find_spec("transformer_engine") is None:
+        problems.append(f"--precision {cfg.precision} needs NVIDIA Transformer Engine, not installed on {where}: "
+                        "pip install -r requirements-gpu.txt (or --precision bf16-mixed)")
+    if cfg.strategy == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        problems.append(f"--strategy deepspeed needs DeepSpeed, not installed on {where}: pip install -r requirements-gpu.txt")
     return problems
 
 
@@ -333,6 +396,11 @@ def resolve(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namesp
         values, problems = load_yaml(given["config"])
     values.update({k: v for k, v in given.items() if k in FIELDS})
     cfg = TrainConfig(**values)
+    if cfg.num_workers > 1 and not cfg.use_ray and cfg.name is None:
+        problems.append("--num-workers above 1 without --use-ray starts that many processes here, which must share one "
+                        "run folder: give --name")
+    if cfg.accelerator_type or cfg.precision.startswith("transformer-engine"):
+        cfg.use_gpu = True  # GPU accelerator types and FP8 exist only on GPUs (our users' commands omit --use-gpu)
     if cfg.name is None:
         cfg.name = f"{cfg.training_type}-{time.strftime('%Y%m%d-%H%M%S')}"
     problems += validate(cfg)

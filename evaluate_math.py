@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from metrics import check, gold_answer, has_final_answer, wilson_interval
+from metrics import check, gold_answer, has_final_answer, parse, wilson_interval
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,7 +39,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def score(rows: list[dict]) -> tuple[list[dict], dict]:
     """Per-problem results and the summary of prediction rows (``id``, ``completion``, ``reference``)."""
-    import math_verify
 
     results = []
     for number, row in enumerate(rows):
@@ -47,7 +46,7 @@ def score(rows: list[dict]) -> tuple[list[dict], dict]:
         if not isinstance(reference, str) or not has_final_answer(reference):
             raise ValueError(f"prediction row {number} (id {row.get('id')}): its reference has no '#### N' or \\boxed{{}} "
                              "final answer to check against")
-        gold = math_verify.parse(gold_answer(reference))
+        gold = parse(gold_answer(reference))
         answer, correct = check(row["completion"], gold)
         results.append({"id": row.get("id", str(number)), "answer": answer, "gold": str(gold[-1]) if gold else "",
                         "correct": correct, "completion": row["completion"]})

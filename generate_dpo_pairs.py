@@ -36,7 +36,7 @@ import torch
 from collate_functions import generation_prompt_ids
 from config import ConfigError, TrainConfig, resolve
 from custom_dataset import DataError, detect_format, load_raw, normalise
-from metrics import check, gold_answer
+from metrics import check, gold_answer, parse
 from models import cache_dir, generate_from_prompts, load_causal_lm, load_tokenizer
 
 SAMPLES_FILE = "samples.jsonl"
@@ -106,7 +106,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def load_problems(args: argparse.Namespace) -> list[dict]:
     """The first --num-problems rows of --split as {question_id, question, reference, gold_answer}."""
-    import math_verify
 
     cfg, _ = resolve(["--dataset-name", args.dataset_name, "--seed", str(args.seed),
                       "--synthetic-levels", args.synthetic_levels])
@@ -120,7 +119,7 @@ def load_problems(args: argparse.Namespace) -> list[dict]:
     for row, raw_id in zip(normalise(split, "gsm8k", args.dataset_name, args.split), ids):
         where = f"{args.dataset_name} [{args.split}] row {row['row']}"
         gold, question_id = gold_answer(row["reference"]), str(raw_id)
-        if not math_verify.parse(gold):
+        if not parse(gold):
             raise DataError(f"{where}: math-verify reads no answer in the final '#### {gold}'")
         if question_id in seen:  # ids are how a rerun knows which problems are done
             raise DataError(f"{where}: id {question_id!r} is used twice; problem ids must be unique")
@@ -194,7 +193,6 @@ def read_records(path: Path) -> dict[str, dict]:
 
 def sample_problems(args: argparse.Namespace, problems: list[dict], path: Path, done: dict[str, dict]) -> None:
     """Sample, check and append to ``path`` every problem not in ``done``, one batch at a time."""
-    import math_verify
     from tqdm import tqdm
 
     todo = [p for p in problems if p["question_id"] not in done]
@@ -216,7 +214,7 @@ def sample_problems(args: argparse.Namespace, problems: list[dict], path: Path, 
             )
             lines = []
             for problem, texts in zip(batch, samples):
-                gold = math_verify.parse(problem["gold_answer"])
+                gold = parse(problem["gold_answer"])
                 answers, correct = zip(*(check(t, gold) for t in texts))
                 lines.append(json.dumps({**problem, "samples": texts, "answers": answers, "correct": correct}) + "\n")
             out.write("".join(lines))  # one write per batch: a crash tears at most the last line

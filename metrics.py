@@ -2,6 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+
+
+class _NoTimeoutNotice(logging.Filter):
+    """math-verify warns on every call made without its time limit (see ``_in_main_thread``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Timeout is disabled" not in record.getMessage()
+
+
+for _name in ("math_verify.parser", "math_verify.grader"):
+    logging.getLogger(_name).addFilter(_NoTimeoutNotice())
+
 
 def edit_distance(a: str, b: str) -> int:
     """Levenshtein distance (insertions, deletions, substitutions of characters)."""
@@ -49,21 +62,34 @@ def answer_text(sample: str) -> str:
     return tail.splitlines()[0] if tail else ""
 
 
+def _in_main_thread() -> bool:
+    """math-verify's time limits work by signal.alarm, which only the main thread may set: elsewhere (a Ray Train
+    worker runs the training function in a thread) it runs without them."""
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def parse(text: str) -> list:
+    """math-verify's parse of ``text``: [sympy value, its text], or [] when no answer is found."""
+    import math_verify
+
+    return math_verify.parse(text, **({} if _in_main_thread() else {"parsing_timeout": None}))
+
+
 def check(sample: str, gold: list) -> tuple[str, bool]:
     """The answer math-verify reads in ``sample`` ('' if none) and whether it equals ``gold`` (a parsed answer)."""
     import math_verify
 
-    parsed = math_verify.parse(answer_text(sample))  # [sympy value, its text], or [] when nothing is found
+    parsed = parse(answer_text(sample))
     if not parsed:
         return "", False
-    return str(parsed[-1]), bool(math_verify.verify(gold, parsed))
+    return str(parsed[-1]), bool(math_verify.verify(gold, parsed, **({} if _in_main_thread() else {"timeout_seconds": None})))
 
 
 def answers_match(prediction: str, reference: str) -> bool:
     """Whether a generated solution's final answer equals a GSM8K reference's ('#### 0.5' matches '#### 1/2')."""
-    import math_verify
-
-    return check(prediction, math_verify.parse(gold_answer(reference)))[1]
+    return check(prediction, parse(gold_answer(reference)))[1]
 
 
 def auc(scores: list[float], labels: list[bool]) -> float | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -159,6 +160,15 @@ class PostTrainingModule(pl.LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """FSDP clips the norm of the whole sharded gradient itself (Lightning's clipping cannot under FSDP: the
+        trainer is built without it there, see train.build_trainer)."""
+        if self.cfg.strategy == "fsdp":
+            if self.cfg.gradient_clip_val:
+                self.trainer.strategy.model.clip_grad_norm_(self.cfg.gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def _log(self, name: str, value, exact: bool = False, **kwargs) -> None:
         """Log a metric rounded to --roundoff decimals (``exact`` for values like the learning rate)."""
         value = torch.as_tensor(value, dtype=torch.float32)
@@ -219,10 +229,12 @@ class PostTrainingModule(pl.LightningModule):
         if self.cfg.val_generate_samples == 0 or not self.generates:
             return
         if self.generates == "verdicts":
-            self.validate_verdicts()
+            with self.full_weights():
+                self.validate_verdicts()
             return
         rows = self.val_set.rows[: self.cfg.val_generate_samples]
-        answers = self.generate([r["messages"] for r in rows])
+        with self.full_weights():
+            answers = self.generate([r["messages"] for r in rows])
         has_final = has_final_answer(rows[0]["reference"])  # GSM8K or MATH format: a final answer to check
         self.last_generations = [
             {"prompt": r["messages"][-2]["content"], "reference": r["reference"], "generated": a,
@@ -275,6 +287,15 @@ class PostTrainingModule(pl.LightningModule):
             if group:
                 self._log(f"val/verifier_score_{name}", sum(group) / len(group))
         self._save_generations(self.last_generations)
+
+    def full_weights(self) -> contextlib.AbstractContextManager:
+        """Generation calls the model outside its training forward: under FSDP its weights are gathered first (on
+        every rank; nothing is written back), elsewhere they are whole already."""
+        if self.cfg.strategy != "fsdp":
+            return contextlib.nullcontext()
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        return FullyShardedDataParallel.summon_full_params(self.trainer.strategy.model, writeback=False)
 
     def generate(self, conversations: list[list[dict]]) -> list[str]:
         """Greedy answers to the last user turn of each conversation (its final assistant turn is the reference)."""

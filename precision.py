@@ -105,3 +105,17 @@ def fp8_context(backend: str | None, recipe=None) -> contextlib.AbstractContextM
 
         return te.fp8_autocast(enabled=True, fp8_recipe=recipe if recipe is not None else te_recipe())
     return contextlib.nullcontext()
+
+
+def lightning_plugin(cfg):
+    """Lightning's Transformer Engine precision plugin for ``--precision transformer-engine[-float16]`` with the
+    recipe of --fp8-format, --fp8-amax-history-len and --fp8-margin, or None for Lightning's own precisions. The
+    layers are converted beforehand by ``convert_to_fp8(model, "te")`` (which reports what stays in high precision),
+    so the plugin does not replace layers itself."""
+    if not cfg.precision.startswith("transformer-engine"):
+        return None
+    from pytorch_lightning.plugins.precision import TransformerEnginePrecision
+
+    dtype = torch.bfloat16 if cfg.precision == "transformer-engine" else torch.float16
+    return TransformerEnginePrecision(weights_dtype=dtype, replace_layers=False,
+                                      recipe=te_recipe(cfg.fp8_format, cfg.fp8_amax_history_len, cfg.fp8_margin))

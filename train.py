@@ -24,7 +24,6 @@ import logging
 import sys
 import time
 from collections import Counter
-from pathlib import Path
 
 from collate_functions import (
     INVALID_PROMPT,
@@ -38,9 +37,13 @@ from collate_functions import (
 )
 from config import ConfigError, TrainConfig, redact, resolve, save, to_yaml
 from custom_dataset import CustomDataset, DataError
+from distributed import full_state_dict, sync_run_files
 from losses.sft import VERIFIER_PARTS, genrm_combine
 from models import load_causal_lm, load_reward_model
 from module import bt_step, dpo_step, sft_step, verifier_step
+from precision import convert_to_fp8
+from storage import StorageError, fetch_checkpoint
+from storage import join as storage_join
 
 log = logging.getLogger("train")
 
@@ -117,46 +120,64 @@ def reference_model(cfg: TrainConfig, tokenizer, datasets: list[CustomDataset], 
 
 
 def checkpoint_path(cfg: TrainConfig) -> str | None:
-    """The checkpoint --resume-from-checkpoint names ('last' = newest of this run), checked to exist."""
+    """The local checkpoint --resume-from-checkpoint names ('last' = newest of this run; a file, a run folder or a
+    Ray checkpoint, local or on S3: ``storage.fetch_checkpoint``), checked to exist."""
     ckpt = cfg.resume_from_checkpoint
     if ckpt is None:
         return None
-    path = cfg.run_dir / "checkpoints" / "last.ckpt" if ckpt == "last" else Path(ckpt)
-    if not path.is_file():
-        raise ConfigError([f"--resume-from-checkpoint {ckpt}: no checkpoint at {path}"])
-    return str(path)
+    path = cfg.run_dir / "checkpoints" / "last.ckpt" if ckpt == "last" else ckpt
+    try:
+        return str(fetch_checkpoint(str(path), cfg.run_dir / "resume"))
+    except StorageError as exc:
+        raise ConfigError([f"--resume-from-checkpoint {ckpt}: {exc}"]) from None
 
 
-def build_trainer(cfg: TrainConfig, callbacks: list | None = None):
+def build_trainer(cfg: TrainConfig, model, callbacks: list | None = None, on_ray: bool = False):
+    """The Lightning Trainer of a run: local checkpoints, or on a Ray worker, checkpoints reported to Ray."""
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
-    every = {"every_n_train_steps": cfg.checkpoint_every_n_steps} if cfg.checkpoint_every_n_steps else {
-        "every_n_epochs": cfg.checkpoint_frequency}
-    checkpoint = ModelCheckpoint(
-        dirpath=cfg.run_dir / "checkpoints", filename="{epoch}-{step}", monitor="trained_steps", mode="max",
-        save_top_k=cfg.ckpt_to_keep, save_last="link", **every,  # last.ckpt links the newest, no 2nd copy
-    )
-    return pl.Trainer(
+    from distributed import lightning_strategy, ray_trainer_setup
+    from precision import lightning_plugin
+
+    if on_ray:
+        setup = ray_trainer_setup(cfg)
+    else:
+        every = {"every_n_train_steps": cfg.checkpoint_every_n_steps} if cfg.checkpoint_every_n_steps else {
+            "every_n_epochs": cfg.checkpoint_frequency}
+        checkpoint = ModelCheckpoint(
+            dirpath=cfg.run_dir / "checkpoints", filename="{epoch}-{step}", monitor="trained_steps", mode="max",
+            save_top_k=cfg.ckpt_to_keep, save_last="link", **every,  # last.ckpt links the newest, no 2nd copy
+        )
+        setup = {"plugins": [], "callbacks": [checkpoint], "devices": cfg.num_workers}
+    plugin = lightning_plugin(cfg)  # Transformer Engine's FP8, which replaces the precision flag
+    trainer = pl.Trainer(
         accelerator="gpu" if cfg.use_gpu else "cpu",
-        devices=cfg.num_workers,
-        strategy=cfg.strategy,
-        precision=cfg.precision,
+        devices=setup["devices"],
+        strategy=lightning_strategy(cfg, model, on_ray),
+        precision=None if plugin else cfg.precision,
+        plugins=setup["plugins"] + ([plugin] if plugin else []),
         max_epochs=cfg.max_epochs,
         max_steps=cfg.max_steps,
         accumulate_grad_batches=cfg.accumulate_grad_batches,
-        gradient_clip_val=cfg.gradient_clip_val or None,
+        gradient_clip_val=None if cfg.strategy == "fsdp" else cfg.gradient_clip_val or None,  # FSDP: the module clips
         check_val_every_n_epoch=cfg.check_val_every_n_epoch,
         num_sanity_val_steps=cfg.num_sanity_val_steps,
         log_every_n_steps=cfg.log_every_n_steps,
         logger=[TensorBoardLogger(cfg.run_dir, name="tensorboard", version=""), CSVLogger(cfg.run_dir, name="csv")],
-        callbacks=[checkpoint, *(callbacks or [])],
+        callbacks=[*setup["callbacks"], *(callbacks or [])],
+        enable_checkpointing=not on_ray,  # on Ray, RayCheckpointReport saves and Ray keeps the checkpoints
         enable_progress_bar=cfg.verbose,
         enable_model_summary=cfg.verbose,
         use_distributed_sampler=False,  # the length-grouped sampler shards by rank itself
         deterministic=False,
     )
+    if on_ray:
+        from ray.train.lightning import prepare_trainer
+
+        prepare_trainer(trainer)
+    return trainer
 
 
 def report(title: str, metrics: dict, roundoff: int) -> dict:
@@ -165,16 +186,17 @@ def report(title: str, metrics: dict, roundoff: int) -> dict:
     return shown
 
 
-def run(cfg: TrainConfig, callbacks: list | None = None) -> dict:
-    """Train (or test) as ``cfg`` says; returns the validation metrics before/after and the run folder."""
+def run(cfg: TrainConfig, callbacks: list | None = None, ckpt: str | None = None, on_ray: bool = False) -> dict:
+    """Train (or test) as ``cfg`` says, in this process (one of --num-workers; on a Ray worker with ``on_ray``, where
+    ``ckpt`` is the checkpoint Ray resumes from). Returns the validation metrics before/after and the run folder."""
     import pytorch_lightning as pl
 
     from models import load_tokenizer
     from module import PostTrainingModule
 
-    ckpt = checkpoint_path(cfg)
+    ckpt = ckpt if on_ray else checkpoint_path(cfg)
     pl.seed_everything(cfg.seed, verbose=False)
-    print(redact(f"resolved config:\n{to_yaml(cfg)}") if cfg.verbose else f"run folder: {cfg.run_dir}")
+    print(redact(f"resolved config:\n{to_yaml(cfg)}") if cfg.verbose else f"run folder: {cfg.storage_dir}")
     save(cfg, cfg.run_dir)
     tokenizer = load_tokenizer(cfg.model_name)
     train_set, val_set = prepare_data(cfg, tokenizer)
@@ -183,11 +205,13 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> dict:
     # The reference first: a --precompute-ref-logps pass then runs without the policy in memory.
     ref_model = reference_model(cfg, tokenizer, [train_set, val_set], collator) if cfg.training_type == "dpo" else None
     model = kind["model"](cfg.model_name)
+    if cfg.precision.startswith("transformer-engine"):
+        print(convert_to_fp8(model, "te").summary())  # layers FP8 cannot take are named, not skipped silently
     module = PostTrainingModule(cfg, model, tokenizer, train_set, val_set, step=kind["step"], collator=collator,
                                 ref_model=ref_model, generates=kind["generates"], parts=kind.get("parts"),
                                 combine=kind["combine"](cfg) if "combine" in kind else None)
-    trainer = build_trainer(cfg, callbacks)
-    results: dict = {"run_dir": str(cfg.run_dir)}
+    trainer = build_trainer(cfg, model, callbacks, on_ray)
+    results: dict = {"run_dir": cfg.storage_dir}
     started = time.time()
     if cfg.mode == "test":
         results["test"] = report("test", trainer.validate(module, ckpt_path=ckpt, verbose=False)[0], cfg.roundoff)
@@ -200,10 +224,13 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> dict:
     results["after"] = report("after training", trainer.callback_metrics, cfg.roundoff)
     results["train_minutes"] = round((time.time() - started) / 60, 2)
     final = cfg.run_dir / "final_model"
+    weights = full_state_dict(trainer, model) if cfg.strategy in ("fsdp", "deepspeed") else None  # gathered from the shards
     if trainer.is_global_zero:
-        model.save_pretrained(final)
+        model.save_pretrained(final, state_dict=weights)
         tokenizer.save_pretrained(final)
-        print(f"final model (Hugging Face format): {final}")
+        if on_ray:
+            sync_run_files(cfg)
+        print(f"final model (Hugging Face format): {storage_join(cfg.storage_dir, 'final_model')}")
     for sample in module.last_generations[:3]:
         if "generated" in sample:
             print(f"--- {sample['prompt']}\n    generated: {sample['generated']!r}\n    reference: {sample['reference']!r}")
@@ -220,6 +247,11 @@ def main(argv: list[str] | None = None) -> dict | None:
         if args.__dict__.get("print_config"):
             print(to_yaml(cfg), end="")
             return None
+        if cfg.use_ray:
+            from distributed import run_on_ray
+
+            print(redact(f"resolved config:\n{to_yaml(cfg)}") if cfg.verbose else f"run folder: {cfg.storage_dir}")
+            return run_on_ray(cfg)
         return run(cfg)
     except (ConfigError, DataError, ChatTemplateError, OSError) as exc:
         print(f"train.py: {exc}", file=sys.stderr)

@@ -104,11 +104,10 @@ def load_problems(dataset: str, levels: str, num_problems: int, seed: int) -> li
 
 def final_answer(solution: str, reference: str) -> tuple[str, bool]:
     """The final answer math-verify reads in ``solution`` and whether it equals the reference's."""
-    import math_verify
 
-    from metrics import check, gold_answer
+    from metrics import check, gold_answer, parse
 
-    return check(solution, math_verify.parse(gold_answer(reference)))
+    return check(solution, parse(gold_answer(reference)))
 
 
 def generate_candidates(args: argparse.Namespace, path: Path) -> None:

@@ -98,9 +98,24 @@ def test_sampler_window_units_and_skip():
 
 
 def test_sampler_shards_ranks_with_global_window_units():
-    whole = _sampler(batch_size=2).plan(0)
+    """2 ranks of batch 2 see, step by step, the rows 1 rank of batch 4 sees: the first two to rank 0, the next two
+    to rank 1; both normalise by the same (global) token count."""
+    whole = [p.indices for p in _sampler(batch_size=4)]
     ranks = [list(_sampler(batch_size=2, rank=r, world_size=2)) for r in range(2)]
-    assert [p.indices for p in ranks[0]] == [tuple(b) for b in whole[0::2]]
-    assert [p.indices for p in ranks[1]] == [tuple(b) for b in whole[1::2]]
-    for p0, p1 in zip(*ranks):  # both ranks normalise by the same (global) token count
-        assert p0.window_units == p1.window_units
+    assert len(whole) == len(ranks[0]) == len(ranks[1]) == 3
+    assert [p.indices for p in ranks[0]] == [b[:2] for b in whole]
+    assert [p.indices for p in ranks[1]] == [b[2:] for b in whole]
+    for p0, p1 in zip(*ranks):
+        assert p0.window_units == p1.window_units == sum(_sampler().targets[i] for i in p0.indices + p1.indices)
+
+
+def test_sampler_splits_a_short_last_batch_so_no_rank_is_idle():
+    """13 rows, 2 ranks of batch 2: three full steps, then a last global batch of 1 row, which one rank cannot share
+    and is left out; with 3 rows left over (15 rows), rank 0 gets 2 and rank 1 gets 1."""
+    for rows, expected in ((13, [2, 2, 2]), (15, [2, 2, 2, 2])):
+        ranks = [LengthGroupedBatchSampler(list(range(1, rows + 1)), [1] * rows, batch_size=2, rank=r, world_size=2,
+                                           shuffle=False) for r in range(2)]
+        assert len(ranks[0]) == len(expected) and [len(p.indices) for p in ranks[0]] == expected
+        assert len(list(ranks[1])) == len(expected)
+        seen = sorted(i for s in ranks for p in s for i in p.indices)
+        assert seen == sorted(set(seen)) and len(seen) == (12 if rows == 13 else 15)

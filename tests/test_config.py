@@ -56,14 +56,67 @@ def test_negated_booleans_parse():
                     "calculate_win_rate": False}
 
 
-def test_ray_command_line_parses_and_is_refused_only_for_unlanded_parts():
-    build_parser().parse_args(shlex.split(RAY_COMMAND))  # argparse accepts it as is
+@pytest.mark.parametrize("command", [RAY_COMMAND, RAY_COMMAND.replace("--precision transformer-engine", "--precision bf16-true")
+                                     .replace("--training-type sft_verifier", "--training-type dpo")], ids=["verifier", "dpo"])
+def test_users_ray_command_lines_are_accepted_as_is(command):
+    """The driver (a laptop, or a CPU head node) needs neither a GPU nor Transformer Engine: each Ray worker checks its
+    own machine. --accelerator-type H100 (and FP8) imply --use-gpu, which our users' command does not spell out."""
+    cfg, _ = resolve(shlex.split(command))
+    assert (cfg.use_ray, cfg.use_gpu, cfg.num_workers, cfg.strategy, cfg.accelerator_type) == (True, True, 2, "ddp", "H100")
+    assert cfg.storage_dir == "s3://rl-sf/SFT-verifier-final" and cfg.lambda_ == 0.01
+    assert cfg.run_dir.name == "SFT-verifier-final" and not str(cfg.run_dir).startswith("s3:")  # a local scratch folder
+    on_worker = config.hardware_problems(cfg)  # what a worker without a GPU says, before any model loads
+    assert on_worker[0].startswith("--use-gpu (or --accelerator-type / a transformer-engine precision) needs CUDA")
+    assert "this Ray worker" in on_worker[0]
+
+
+def refusals(strategy: str, precision: str, where: str) -> list[str]:
+    """What resolve() must say of a combination (key phrases, in order); [] means accepted. FP8 implies --use-gpu.
+    On this CPU machine, with no CUDA, Transformer Engine or DeepSpeed, a local run also fails the hardware checks;
+    a Ray driver does not check them (its workers do)."""
+    fp8, sharded = precision.startswith("transformer-engine"), strategy in ("fsdp", "deepspeed")
+    said = ["works with --strategy ddp (or auto) only"] if fp8 and sharded else []
+    if strategy == "deepspeed" and not fp8:
+        said.append("--strategy deepspeed needs GPUs")
+    if where == "local":
+        said += ["needs CUDA", "needs NVIDIA Transformer Engine"] if fp8 else []
+        said += ["--strategy deepspeed needs DeepSpeed"] if strategy == "deepspeed" else []
+    return said
+
+
+@pytest.mark.parametrize("strategy", config.STRATEGIES)
+@pytest.mark.parametrize("precision", config.PRECISIONS)
+@pytest.mark.parametrize("where", ["local", "ray"])
+def test_every_strategy_and_precision_combination(strategy, precision, where):
+    flags = ["--strategy", strategy, "--precision", precision, "--name", "x"] + (["--use-ray"] if where == "ray" else [])
+    expected = refusals(strategy, precision, where)
+    if not expected:
+        cfg, _ = resolve(flags)
+        assert cfg.use_gpu == precision.startswith("transformer-engine")
+        return
     with pytest.raises(ConfigError) as err:
-        resolve(shlex.split(RAY_COMMAND))
-    problems = "\n".join(err.value.problems)
-    assert "--use-ray is not yet available" in problems
-    assert "sft_verifier" not in problems  # landed with issue 4
-    assert "--precision transformer-engine is not yet available" in problems
+        resolve(flags)
+    assert len(err.value.problems) == len(expected), err.value.problems
+    for phrase, problem in zip(expected, err.value.problems):
+        assert phrase in problem, (phrase, err.value.problems)
+
+
+def test_distribution_contradictions_are_reported_together():
+    with pytest.raises(ConfigError) as err:
+        resolve(["--max-failures", "2", "--storage-path", "s3://bucket/runs", "--num-workers", "2",
+                 "--accelerator-type", "A100", "--state-dict-type", "sharded", "--resume-from-checkpoint", "/nowhere.ckpt"])
+    assert err.value.problems == [
+        "--num-workers above 1 without --use-ray starts that many processes here, which must share one run folder: "
+        "give --name",
+        "--state-dict-type sharded needs --strategy fsdp",
+        "--max-failures restarts Ray workers after a failure: add --use-ray",
+        "--accelerator-type picks Ray workers' GPUs: add --use-ray",
+        "--storage-path s3://bucket/runs: object stores are written by Ray jobs; add --use-ray, or train to a local "
+        "folder and copy it up",
+        "--resume-from-checkpoint /nowhere.ckpt: no such file or folder",
+        "--use-gpu (or --accelerator-type / a transformer-engine precision) needs CUDA, and PyTorch sees no CUDA device "
+        "on this machine",
+    ]
 
 
 def test_defaults_then_yaml_then_flags(tmp_path):
