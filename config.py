@@ -37,6 +37,7 @@ SECRET_ENV_VARS = (
     "AWS_SESSION_TOKEN",
     "OPENAI_API_KEY",
     "NVIDIA_API_KEY",
+    "JUDGE_API_KEY",
     "WANDB_API_KEY",
 )
 
@@ -410,12 +411,17 @@ def resolve(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namesp
 
 
 def redact(text: str) -> str:
-    """Replace the value of every secret environment variable found in ``text`` with '***'."""
+    """Replace with '***' the value of every secret environment variable found in ``text``, and every token-shaped
+    string: Hugging Face (``hf_...``), OpenAI-style (``sk-...``), NVIDIA (``nvapi-...``) keys and AWS access key ids
+    (``AKIA...``)."""
     for var in SECRET_ENV_VARS:
         secret = os.environ.get(var)
         if secret and len(secret) >= 4:
             text = text.replace(secret, "***")
-    return text
+    # A token pasted into a flag or a YAML file is a secret even when its variable is unset at export time. The
+    # lookbehind keeps words that merely end in "sk-" (e.g. "task-...") intact.
+    return re.sub(r"(?<![A-Za-z0-9])(?:hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,}|nvapi-[A-Za-z0-9_-]{20,}|AKIA[0-9A-Z]{16})",
+                  "***", text)
 
 
 def to_yaml(cfg: TrainConfig) -> str:

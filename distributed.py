@@ -166,7 +166,7 @@ def _worker(config: dict) -> None:
     latest = ray.train.get_checkpoint()  # this run's newest: after a restart, or a resubmission of the same --name
     if latest is not None:
         ckpt = storage.fetch_checkpoint(latest.to_directory(str(workdir / "latest")), workdir)
-        print(f"resuming from the run's latest checkpoint {latest.path}")
+        print(f"resuming from the run's latest checkpoint {latest.path}", flush=True)
     elif cfg.resume_from_checkpoint not in (None, "last"):
         ckpt = storage.fetch_checkpoint(cfg.resume_from_checkpoint, workdir)
     elif cfg.resume_from_checkpoint == "last":

@@ -7,7 +7,8 @@ jsonl file of ``{"prompt": str}`` or ``{"messages": [...]}`` rows (optional ``id
 
 Backends: vLLM's offline ``LLM`` engine when vLLM is installed and a GPU is present, else batched transformers
 ``generate``; same options and output either way (``--backend`` forces one). A rerun with the same --output
-skips the ids already written, so a crash loses at most the batch in flight.
+skips the ids already written, so a crash loses at most the batch in flight; it must ask for the same model and
+generation settings as the rows there (it stops, naming the setting that differs, rather than mix two runs).
 
     python inference.py --model-name runs/sft-smollm2-math/final_model --dataset-name synthetic-math \\
         --synthetic-levels 1,2 --limit 100 --output runs/inference/sft.jsonl
@@ -85,19 +86,41 @@ def load_prompts(args: argparse.Namespace) -> list[dict]:
     return [{"id": str(r["row"]), "messages": r["messages"][:-1], "reference": r["reference"]} for r in rows]
 
 
-def done_ids(path: Path) -> set[str]:
-    """Ids already in the output; a last line cut by a crash is dropped from the file (its batch is redone)."""
+SETTINGS = ("n", "temperature", "top_p", "max_new_tokens", "seed", "chat_template")  # what a row's answers depend on
+
+
+def read_output(path: Path) -> list[dict]:
+    """The rows already in the output. A last line cut by a crash (no newline) is dropped from the file, its
+    batch is redone; any other bad line is an error, so that no valid row after it is ever lost."""
     if not path.is_file():
-        return set()
-    ids, good = set(), []
-    for line in path.read_text().splitlines():
+        return []
+    text = path.read_text()
+    if text and not text.endswith("\n"):
+        text = text[:text.rfind("\n") + 1]
+        path.write_text(text)
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
         try:
-            ids.add(json.loads(line)["id"])
-            good.append(line)
-        except (json.JSONDecodeError, KeyError):
-            break
-    path.write_text("".join(line + "\n" for line in good))
-    return ids
+            row = json.loads(line)
+            row["id"] = str(row["id"])
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise DataError(f"--output {path} line {number} is not an inference.py row ({exc}); delete that line to "
+                            "regenerate its prompt, or write to another --output") from None
+        rows.append(row)
+    return rows
+
+
+def check_same_settings(path: Path, first: dict, args: argparse.Namespace) -> None:
+    """Refuse to append to ``path`` answers generated differently from its first row's: the file would mix two
+    experiments under one name."""
+    flags = {"model": "--model-name", "chat_template": "--chat-template/--no-chat-template"}
+    ours = {"model": args.model_name, **{k: getattr(args, k) for k in SETTINGS}}
+    theirs = {"model": first.get("model"), **{k: first.get("settings", {}).get(k) for k in SETTINGS}}
+    differ = [f"{flags.get(k, '--' + k.replace('_', '-'))} {theirs[k]!r} there, {ours[k]!r} now" for k in ours
+              if ours[k] != theirs[k]]
+    if differ:
+        raise ConfigError([f"--output {path} holds answers generated with other settings ({'; '.join(differ)}): "
+                           "rerun with the same settings to resume it, or write to another --output"])
 
 
 def use_vllm(backend: str) -> bool:
@@ -139,8 +162,10 @@ class TransformersBackend:
         from models import generate_from_prompts
 
         torch.manual_seed(seed)
-        sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.temperature > 0 else {
-            "do_sample": False}
+        # top_k=0 turns off the top-50 cut transformers applies by default (and any the model's generation config
+        # sets), so sampling draws from the distribution --temperature and --top-p ask for, as vLLM's does.
+        sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p, "top_k": 0} \
+            if args.temperature > 0 else {"do_sample": False}
         answers = generate_from_prompts(self.model, self.tokenizer, [self.prompt_ids(r["messages"], args.chat_template) for r in batch],
                                         args.max_new_tokens, num_return_sequences=args.n, **sampling)
         return [answers[i * args.n:(i + 1) * args.n] for i in range(len(batch))]
@@ -176,13 +201,16 @@ def run(args: argparse.Namespace) -> dict:
     prompts = load_prompts(args)
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    done = done_ids(output)
+    written = read_output(output)
+    if written:
+        check_same_settings(output, written[0], args)
+    done = {row["id"] for row in written}
     todo = [p for p in prompts if p["id"] not in done]
     print(f"{len(prompts)} prompts, {len(done)} already in {output}, {len(todo)} to generate")
     if not todo:
         return {"written": 0, "skipped": len(done)}
     backend = VLLMBackend(args.model_name) if use_vllm(args.backend) else TransformersBackend(args.model_name)
-    settings = {k: getattr(args, k) for k in ("n", "temperature", "top_p", "max_new_tokens", "seed", "chat_template")}
+    settings = {k: getattr(args, k) for k in SETTINGS}
     started, completions = time.time(), 0
     with output.open("a") as out, tqdm(total=len(todo), desc=f"generating ({backend.name})", unit="prompt") as bar:
         for start in range(0, len(todo), args.batch_size):

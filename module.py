@@ -185,7 +185,11 @@ class PostTrainingModule(pl.LightningModule):
         if self.parts:
             metrics = {**metrics, **{f"{name}_loss": loss[p].detach() for p, name in enumerate(self.parts) if units[p] > 0}}
             loss, objective = self.combine(loss), self.combine(objective)
-        self._log("train/loss", loss.detach(), prog_bar=True)
+        shown = loss.detach()
+        if self.trainer.world_size > 1 and not self.parts:  # the loss of the whole step's batch, not this worker's share
+            total = self.trainer.strategy.reduce(torch.stack([shown * units, units.to(shown)]), reduce_op="sum")
+            shown = total[0] / total[1].clamp(min=1)
+        self._log("train/loss", shown, prog_bar=True)
         for name, value in metrics.items():
             self._log(f"train/{name}", value)
         self._log("train/lr", self.lr_schedulers().get_last_lr()[0], exact=True)
@@ -309,6 +313,8 @@ class PostTrainingModule(pl.LightningModule):
     # ---- checkpoints ------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["train_config"] = dataclasses.asdict(self.cfg)
+        # The latest validation metrics, for the model card of an export made without the run's logs (Ray, S3).
+        checkpoint["val_metrics"] = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("val/")}
         if self._data_position is not None:
             checkpoint["data_position"] = dict(self._data_position)
 

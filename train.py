@@ -165,7 +165,7 @@ def build_trainer(cfg: TrainConfig, model, callbacks: list | None = None, on_ray
         check_val_every_n_epoch=cfg.check_val_every_n_epoch,
         num_sanity_val_steps=cfg.num_sanity_val_steps,
         log_every_n_steps=cfg.log_every_n_steps,
-        logger=[TensorBoardLogger(cfg.run_dir, name="tensorboard", version=""), CSVLogger(cfg.run_dir, name="csv")],
+        logger=[TensorBoardLogger(cfg.run_dir, name="tensorboard", version=""), CSVLogger(cfg.run_dir, name="csv", flush_logs_every_n_steps=cfg.log_every_n_steps)],
         callbacks=[*setup["callbacks"], *(callbacks or [])],
         enable_checkpointing=not on_ray,  # on Ray, RayCheckpointReport saves and Ray keeps the checkpoints
         enable_progress_bar=cfg.verbose,

@@ -1,15 +1,19 @@
 """Turn a training checkpoint into a standard Hugging Face model folder, with a model card, and push it to the Hub.
 
-The checkpoint is a Lightning ``.ckpt`` written by ``train.py`` (a file, a run's ``checkpoints/`` folder or run
-folder, meaning its ``last.ckpt``), local or on S3 (``s3://bucket/key``, read with boto3 and credentials from the
-environment). The model is rebuilt from the training config stored in the checkpoint, given the trained weights,
-and saved with ``save_pretrained`` (config, safetensors weights, generation config), with the tokenizer and its chat
-template; for ``--training-type bt`` the reward head (a one-output sequence-classification model). The model card
-(README.md) holds the training config (secrets redacted) and the final validation metrics of the run.
+The checkpoint is a Lightning ``.ckpt`` written by ``train.py``, named any way a run leaves one behind
+(``storage.fetch_checkpoint``): the file, a run folder (its ``checkpoints/last.ckpt``), a Ray Train checkpoint folder
+(``checkpoint_<time>/checkpoint.ckpt``) or a Ray run folder (its newest ``checkpoint_*``), local or on S3
+(``s3://bucket/prefix``, credentials and endpoint from the standard ``AWS_*`` environment variables). The model is
+rebuilt from the training config stored in the checkpoint, given the trained weights, and saved with
+``save_pretrained`` (config, safetensors weights, generation config), with the tokenizer and its chat template; for
+``--training-type bt`` the reward head (a one-output sequence-classification model). The model card (README.md)
+holds the training config (secrets redacted) and the final validation metrics of the run: from its CSV logs when
+they are beside the checkpoint, else those the checkpoint itself stores.
 
     python upload_to_hub.py --checkpoint-path runs/sft-smollm2-math --repo-id me/smollm2-math-sft --training-type sft
     python upload_to_hub.py --checkpoint-path runs/sft-smollm2-math/checkpoints/last.ckpt --local-dir /tmp/export \\
         --training-type sft        # export only, no push
+    python upload_to_hub.py --checkpoint-path s3://bucket/runs/sft-ray --local-dir /tmp/export --training-type sft
 
 Pushing needs a Hugging Face write token in HF_TOKEN; the repo is created private unless --public.
 """
@@ -25,6 +29,7 @@ from pathlib import Path
 
 import yaml
 
+import storage
 from config import TRAINING_TYPES, redact
 
 
@@ -34,7 +39,8 @@ class ExportError(ValueError):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint-path", required=True, help="A .ckpt file, a run or checkpoints folder, or s3://bucket/key.")
+    parser.add_argument("--checkpoint-path", required=True,
+                        help="A .ckpt file, a run folder, a Ray checkpoint or run folder; local or s3://bucket/prefix.")
     parser.add_argument("--repo-id", help="Hub model repo to push to (owner/name).")
     parser.add_argument("--training-type", required=True, choices=TRAINING_TYPES, help="What the checkpoint was trained as.")
     parser.add_argument("--local-dir", help="Export here (default: a temporary folder, removed after the push).")
@@ -47,31 +53,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def fetch_checkpoint(path: str, workdir: Path) -> Path:
-    """The local ``.ckpt`` file ``path`` names (an S3 object is downloaded into ``workdir``)."""
-    if path.startswith("s3://"):
-        try:
-            import boto3
-        except ImportError as exc:
-            raise ExportError(f"--checkpoint-path {path}: reading from S3 needs boto3 (pip install boto3)") from exc
-        bucket, _, key = path[len("s3://"):].partition("/")
-        target = workdir / Path(key).name
-        boto3.client("s3").download_file(bucket, key, str(target))
-        return target
-    local = Path(path)
-    for candidate in (local, local / "last.ckpt", local / "checkpoints" / "last.ckpt"):
-        if candidate.is_file():
-            return candidate
-    raise ExportError(f"--checkpoint-path {path}: no checkpoint there (looked for the file, last.ckpt and checkpoints/last.ckpt)")
-
-
-def load_checkpoint_model(ckpt: Path, training_type: str):
-    """(model, tokenizer, training config dict) rebuilt from a ``train.py`` checkpoint."""
+def read_checkpoint(ckpt: Path) -> dict:
+    """The checkpoint dict of a ``train.py`` checkpoint file."""
     import torch
 
+    if ckpt.is_dir():  # Lightning's FSDP sharded layout: a folder of per-worker shards, no single state dict to load
+        raise ExportError(f"--checkpoint-path: {ckpt} is a sharded checkpoint (a folder, from --state-dict-type "
+                          "sharded): export from a full checkpoint (train with --state-dict-type full), or use the "
+                          "run's final_model/ folder, already a Hugging Face model")
+    return torch.load(ckpt, map_location="cpu", weights_only=False)
+
+
+def load_checkpoint_model(ckpt: Path, checkpoint: dict, training_type: str):
+    """(model, tokenizer, training config dict) rebuilt from a ``train.py`` checkpoint (``checkpoint``, read from
+    ``ckpt``)."""
     from models import load_causal_lm, load_reward_model, load_tokenizer
 
-    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
     cfg = checkpoint.get("train_config")
     if cfg is None or "state_dict" not in checkpoint:
         raise ExportError(f"{ckpt}: not a train.py checkpoint (no train_config or state_dict)")
@@ -87,15 +84,18 @@ def load_checkpoint_model(ckpt: Path, training_type: str):
     return model, load_tokenizer(cfg["model_name"]), cfg
 
 
-def final_metrics(ckpt: Path) -> dict[str, float]:
-    """The last logged value of every validation metric in the run's CSV logs (empty if they are not beside it)."""
-    run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+def final_metrics(ckpt: Path, checkpoint: dict) -> dict[str, float]:
+    """The last logged value of every validation metric in the run's CSV logs; when they are not beside the
+    checkpoint (one fetched from S3, or copied out of its run), the validation metrics the checkpoint stores."""
+    # A local run keeps checkpoints/last.ckpt, a Ray run checkpoint_<time>/checkpoint.ckpt, beside csv/.
+    nested = ckpt.parent.name == "checkpoints" or ckpt.parent.name.startswith("checkpoint_")
+    run = ckpt.parent.parent if nested else ckpt.parent
     metrics: dict[str, float] = {}
     for log in sorted(run.glob("csv/*/metrics.csv"), key=lambda p: p.stat().st_mtime):
         with log.open() as handle:
             for row in csv.DictReader(handle):
                 metrics.update({k: float(v) for k, v in row.items() if k.startswith("val/") and v})
-    return metrics
+    return metrics or {k: float(v) for k, v in checkpoint.get("val_metrics", {}).items()}
 
 
 def model_card(cfg: dict, metrics: dict[str, float], training_type: str) -> str:
@@ -112,11 +112,12 @@ def model_card(cfg: dict, metrics: dict[str, float], training_type: str) -> str:
 
 def export(ckpt: Path, training_type: str, folder: Path) -> Path:
     """Write the Hugging Face folder of ``ckpt`` to ``folder``."""
-    model, tokenizer, cfg = load_checkpoint_model(ckpt, training_type)
+    checkpoint = read_checkpoint(ckpt)
+    model, tokenizer, cfg = load_checkpoint_model(ckpt, checkpoint, training_type)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
-    (folder / "README.md").write_text(model_card(cfg, final_metrics(ckpt), training_type))
+    (folder / "README.md").write_text(model_card(cfg, final_metrics(ckpt, checkpoint), training_type))
     return folder
 
 
@@ -135,7 +136,11 @@ def main(argv: list[str] | None = None) -> Path | None:
     args = parse_args(argv)
     try:
         with tempfile.TemporaryDirectory(prefix="upload-") as tmp:
-            ckpt = fetch_checkpoint(args.checkpoint_path, Path(tmp))
+            try:
+                ckpt = storage.fetch_checkpoint(args.checkpoint_path, Path(tmp))
+            except OSError as exc:  # StorageError, and what pyarrow raises for a store it cannot read (credentials)
+                where = str(exc) if str(exc).startswith(args.checkpoint_path) else f"{args.checkpoint_path}: {exc}"
+                raise ExportError(f"--checkpoint-path {where}") from exc
             folder = export(ckpt, args.training_type, Path(args.local_dir) if args.local_dir else Path(tmp) / "export")
             print(f"exported {ckpt} to {folder}")
             if args.repo_id:

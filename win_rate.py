@@ -12,9 +12,11 @@ Judges:
   which answers a user + assistant conversation with ``reward:<float>`` as the message content. Base URL from
   ``JUDGE_BASE_URL`` (default https://integrate.api.nvidia.com/v1), API key from ``JUDGE_API_KEY``, else
   ``NVIDIA_API_KEY``, else ``OPENAI_API_KEY``. Calls run ``--concurrency`` at a time and are retried with
-  exponential backoff on 429 and 5xx (``Retry-After`` honoured); every reward is cached in the output folder,
-  so a rerun never pays twice; if more than ``--max-failure-rate`` of the calls still fail (or answer something
-  unparseable), the run stops with the count instead of reporting a biased win rate.
+  exponential backoff on 429, 5xx and dropped connections (``Retry-After`` honoured, in seconds or as an HTTP
+  date); every reward is cached in the output folder, so a rerun never pays twice; if more than
+  ``--max-failure-rate`` of the calls still fail (or answer something unparseable), the run stops with the count
+  instead of reporting a biased win rate. Below that rate the prompts whose calls failed are left out, and the
+  summary says how many.
 
     python win_rate.py --candidates runs/inference/sft.jsonl --baseline runs/inference/base.jsonl \\
         --judge local --judge-model runs/bt-smollm2-math/final_model --output-dir runs/win-rate-sft
@@ -23,7 +25,10 @@ Judges:
 from __future__ import annotations
 
 import argparse
+import datetime
+import email.utils
 import hashlib
+import http.client
 import json
 import os
 import re
@@ -57,6 +62,24 @@ def parse_reward(content: str) -> float:
     return float(match.group(1))
 
 
+def retry_after(value: str | None, default: float) -> float:
+    """Seconds to wait from a ``Retry-After`` header: a number of seconds or an HTTP date (RFC 9110 10.2.3);
+    ``default`` when it is absent or unreadable."""
+    if not value:
+        return default
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return default
+    if when.tzinfo is None:  # HTTP dates are GMT; a date without a zone is read the same way
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return max(0.0, (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds())
+
+
 class ApiJudge:
     """An OpenAI-compatible chat-completions endpoint returning ``reward:<float>``."""
 
@@ -72,18 +95,21 @@ class ApiJudge:
             headers["Authorization"] = f"Bearer {self.api_key}"
         for attempt in range(self.retries + 1):
             request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+            wait = self.backoff * 2 ** attempt
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout) as reply:
                     payload = json.loads(reply.read())
                 return parse_reward(payload["choices"][0]["message"]["content"])
-            except urllib.error.HTTPError as exc:
+            except urllib.error.HTTPError as exc:  # before URLError, its base class
                 if (exc.code != 429 and exc.code < 500) or attempt == self.retries:
                     raise RuntimeError(f"judge HTTP {exc.code}") from None
-                wait = float(exc.headers.get("Retry-After") or self.backoff * 2 ** attempt)
-            except (urllib.error.URLError, TimeoutError) as exc:
+                wait = retry_after(exc.headers.get("Retry-After"), wait)
+            # A connection the server or a proxy drops mid-request is transient like a 503: urlopen wraps errors
+            # while sending in URLError, but one while reading the reply (RemoteDisconnected, a ConnectionResetError,
+            # or IncompleteRead) comes through unwrapped.
+            except (urllib.error.URLError, ConnectionError, http.client.HTTPException, TimeoutError) as exc:
                 if attempt == self.retries:
-                    raise RuntimeError(f"judge unreachable ({exc})") from None
-                wait = self.backoff * 2 ** attempt
+                    raise RuntimeError(f"judge unreachable ({type(exc).__name__}: {exc})") from None
             except (json.JSONDecodeError, KeyError, IndexError, TypeError) as exc:
                 raise ValueError(f"unparseable judge reply ({type(exc).__name__})") from None
             time.sleep(wait)
@@ -163,7 +189,9 @@ def score_all(pairs: list[tuple[list[dict], str]], cache: RewardCache, judge, co
 
 
 def win_rate(candidate: list[float], baseline: list[float]) -> dict:
-    """Win rate (ties half) with a 95% normal-approximation interval over the per-prompt outcomes."""
+    """Win rate (ties half) with a 95% normal-approximation interval over the per-prompt outcomes. A prompt with a
+    NaN reward (its judge call failed, within --max-failure-rate) is left out and counted in
+    ``dropped_failed_judge``."""
     outcomes = [1.0 if c > b else 0.5 if c == b else 0.0 for c, b in zip(candidate, baseline, strict=True)
                 if c == c and b == b]  # NaN (a failed call within the allowed rate) drops the prompt
     n = len(outcomes)
@@ -171,7 +199,8 @@ def win_rate(candidate: list[float], baseline: list[float]) -> dict:
     var = sum((o - mean) ** 2 for o in outcomes) / (n - 1) if n > 1 else 0.0
     half = 1.96 * (var / n) ** 0.5 if n else 0.0
     return {"win_rate": mean, "ci95": [max(0.0, mean - half), min(1.0, mean + half)], "prompts": n,
-            "wins": outcomes.count(1.0), "ties": outcomes.count(0.5), "losses": outcomes.count(0.0)}
+            "wins": outcomes.count(1.0), "ties": outcomes.count(0.5), "losses": outcomes.count(0.0),
+            "dropped_failed_judge": len(candidate) - n}
 
 
 def validation_win_rate(prompts: list[list[dict]], answers: list[str], baseline_path: str, judge_spec: str,
@@ -255,8 +284,10 @@ def main(argv: list[str] | None = None) -> dict:
                                      "baseline": baseline[i]["completion"], "candidate_reward": c, "baseline_reward": b}) + "\n")
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     low, high = summary["ci95"]
+    dropped = summary["dropped_failed_judge"]
     print(f"win rate {100 * summary['win_rate']:.1f}% (95% CI {100 * low:.1f}-{100 * high:.1f}%) over {summary['prompts']} "
-          f"prompts: {summary['wins']} wins, {summary['ties']} ties, {summary['losses']} losses; judge {name}")
+          f"prompts: {summary['wins']} wins, {summary['ties']} ties, {summary['losses']} losses; judge {name}"
+          + (f"; {dropped} prompt{'s' * (dropped != 1)} dropped because a judge call failed" if dropped else ""))
     return summary
 
 

@@ -2,7 +2,9 @@
 
 For each problem, N candidate solutions: sampled from --generator (problems from synthetic-math or a GSM8K-format
 dataset, correctness checked with math-verify), or read with their labels from genrm-critiques' data_collection
-files (--candidates). The verifier scores every candidate with r_MajV@K (adaptive K); Best-of-N picks the
+files (--candidates: all of a question's candidates are pooled across the files, then a seeded sample of --n is
+drawn, so the mix of correct and incorrect ones does not depend on the files' order; --mixed-only keeps the
+questions that have both). The verifier scores every candidate with r_MajV@K (adaptive K); Best-of-N picks the
 highest-scoring of N. Reported for N = 1, 2, 4, ..., --n (each averaged over the --n / N disjoint groups of N
 candidates of a problem):
 
@@ -31,6 +33,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import random
 import sys
 import time
 from collections import Counter, defaultdict
@@ -49,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     source.add_argument("--generator", help="Sample the candidates from this model.")
     source.add_argument("--candidates", help="Labeled candidates: a data_collection folder or .jsonl(.gz) file with "
                                              "question_id, question, model_output, correctness rows.")
+    parser.add_argument("--mixed-only", action="store_true",
+                        help="With --candidates: keep only questions that have both correct and incorrect candidates.")
     parser.add_argument("--dataset", default="synthetic-math",
                         help="Problems for --generator: synthetic-math, a GSM8K-format file, or a hub id ('openai/gsm8k:main').")
     parser.add_argument("--synthetic-levels", default="1,2,3", help="synthetic-math levels (as for train.py).")
@@ -65,7 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--verifier-temperature", type=float, default=0.7, help="Sampling temperature of rationales.")
     parser.add_argument("--verifier-max-new-tokens", type=int, default=192, help="Token budget of a rationale.")
     parser.add_argument("--prompts-per-batch", type=int, default=8, help="Candidates verified together.")
-    parser.add_argument("--seed", type=int, default=42, help="Seeds the problems (synthetic-math) and the sampling.")
+    parser.add_argument("--seed", type=int, default=42,
+                        help="Seeds the problems (synthetic-math; 42 is the SFT/DPO runs' seed, whose held-out problems "
+                             "these are), the --candidates sample and all sampling.")
     parser.add_argument("--output-dir", required=True, help="Where results and the resumable intermediate files go.")
     args = parser.parse_args(argv)
     if args.n < 1 or args.n & (args.n - 1):
@@ -74,6 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--num-problems must be positive, got {args.num_problems}")
     if not 1 <= args.k_min <= args.k_max:
         parser.error(f"need 1 <= --k-min <= --k-max, got {args.k_min} and {args.k_max}")
+    if args.mixed_only and not args.candidates:
+        parser.error("--mixed-only selects among labeled --candidates; it does nothing with --generator")
     return args
 
 
@@ -132,8 +141,9 @@ def generate_candidates(args: argparse.Namespace, path: Path) -> None:
             batch = todo[start:start + args.gen_batch_size]
             prompts = [generation_prompt_ids(tokenizer, [{"role": "user", "content": p["question"]},
                                                          {"role": "assistant", "content": ""}]) for p in batch]
+            # top_k=0: only --gen-temperature shapes the sampling, not Hugging Face's default top_k of 50.
             answers = generate_from_prompts(model, tokenizer, prompts, args.gen_max_new_tokens, do_sample=True,
-                                            temperature=args.gen_temperature, num_return_sequences=args.n)
+                                            temperature=args.gen_temperature, top_k=0, num_return_sequences=args.n)
             for i, problem in enumerate(batch):
                 candidates = []
                 for solution in answers[i * args.n:(i + 1) * args.n]:
@@ -144,35 +154,73 @@ def generate_candidates(args: argparse.Namespace, path: Path) -> None:
                 out.flush()
 
 
-def read_labeled_candidates(source: Path, num_problems: int, n: int) -> list[dict]:
-    """Problems with at least ``n`` labeled candidates from data_collection-style rows (``question_id``,
-    ``question``, ``model_output``, ``correctness``, ``extracted_answer``), the first ``n`` of each, deduplicated by
-    ``model_output_id``; the first ``num_problems`` such problems in question-id order."""
+def read_labeled_candidates(source: Path, num_problems: int, n: int, seed: int = 0,
+                            mixed_only: bool = False) -> list[dict]:
+    """Labeled candidates from data_collection-style rows (``question_id``, ``question``, ``model_output``,
+    ``correctness``, ``extracted_answer``, ``model_output_id``), ``n`` per problem.
+
+    The release splits a question's candidates into a correct and an incorrect file, so keeping the first ``n``
+    rows read would fill most problems with correct candidates only. Instead every candidate of a question is
+    pooled across all files (deduplicated: the same ``model_output_id`` and solution under another critique),
+    put in a fixed order, and ``n`` of them are drawn with ``random.Random(f"{seed}-{question_id}")``: the sample
+    depends on the seed and the question's candidates, not on the files' or rows' order, nor on which other
+    questions are evaluated.
+
+    Args:
+        source: a data_collection folder (every ``*.jsonl*`` in it) or one ``.jsonl(.gz)`` file.
+        num_problems: how many problems, the first in question-id order among those that qualify.
+        n: candidates per problem; a problem with fewer does not qualify.
+        seed: seeds each problem's sample.
+        mixed_only: only problems with both correct and incorrect candidates (in the pool, before sampling) qualify.
+
+    Returns:
+        ``{question_id, question, candidates: [{solution, answer, correct}]}`` per problem.
+    """
     files = sorted(source.glob("*.jsonl*")) if source.is_dir() else [source]
     if not files:
         raise SystemExit(f"best_of_n.py: --candidates {source}: no .jsonl or .jsonl.gz files")
     by_question: dict[str, dict] = {}
-    seen: set[tuple[str, str]] = set()
+    seen: dict[tuple[str, str, str], tuple[bool, str]] = {}  # candidate -> (its label, where it was first read)
     for file in files:
         opener = gzip.open if file.suffix == ".gz" else open
         with opener(file, "rt") as handle:
-            for number, line in enumerate(handle):
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
                 try:
                     row = json.loads(line)
                     qid, output = str(row["question_id"]), row["model_output"]
                     correct = str(row["correctness"]).strip().lower() in ("1", "true", "yes")
-                except (json.JSONDecodeError, KeyError) as exc:
-                    raise SystemExit(f"best_of_n.py: {file} row {number}: not a labeled candidate ({exc})") from exc
-                key = (qid, str(row.get("model_output_id", output)))
+                    question = row["question"]
+                except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                    raise SystemExit(f"best_of_n.py: {file} row {number}: not a labeled candidate ({exc!r})") from exc
+                # The id and the text: ids alone might repeat across files, the text alone across samples.
+                key = (qid, str(row.get("model_output_id", "")), output)
                 if key in seen:  # the same solution with another critique
+                    if seen[key][0] != correct:
+                        raise SystemExit(f"best_of_n.py: {file} row {number}: candidate {key[1]!r} of question {qid} "
+                                         f"is labeled {correct}, but {not correct} in {seen[key][1]}")
                     continue
-                seen.add(key)
-                entry = by_question.setdefault(qid, {"question_id": qid, "question": row["question"], "candidates": []})
-                entry["candidates"].append({"solution": output, "answer": str(row.get("extracted_answer", "")),
-                                            "correct": correct})
+                seen[key] = (correct, f"{file} row {number}")
+                entry = by_question.setdefault(qid, {"question_id": qid, "question": question, "pool": []})
+                entry["pool"].append((key, {"solution": output, "answer": str(row.get("extracted_answer", "")),
+                                            "correct": correct}))
     ordered = sorted(by_question.values(), key=lambda e: (len(e["question_id"]), e["question_id"]))
-    chosen = [{**e, "candidates": e["candidates"][:n]} for e in ordered if len(e["candidates"]) >= n]
-    return chosen[:num_problems]
+    enough = [e for e in ordered if len(e["pool"]) >= n]
+    mixed = [e for e in enough if len({c["correct"] for _, c in e["pool"]}) == 2]
+    chosen = []
+    for entry in (mixed if mixed_only else enough)[:num_problems]:
+        pool = [c for _, c in sorted(entry["pool"], key=lambda kc: kc[0])]  # file order must not matter
+        sample = random.Random(f"{seed}-{entry['question_id']}").sample(pool, n)
+        chosen.append({"question_id": entry["question_id"], "question": entry["question"], "candidates": sample})
+    n_correct = sum(c["correct"] for p in chosen for c in p["candidates"])
+    n_both = sum(len({c["correct"] for c in p["candidates"]}) == 2 for p in chosen)
+    print(f"--candidates {source}: {len(ordered)} questions, {len(enough)} with at least {n} candidates, "
+          f"{len(mixed)} of those with both correct and incorrect candidates"
+          + (" (--mixed-only: only these)" if mixed_only else ""))
+    print(f"sampled {n} per question (seed {seed}) for {len(chosen)} questions: {n_correct} correct and "
+          f"{len(chosen) * n - n_correct} incorrect candidates; {n_both} questions have both in their sample")
+    return chosen
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -329,7 +377,7 @@ def fmt(value: float | None) -> str:
 
 
 # Settings the saved candidates and scores depend on: a rerun into the same --output-dir must keep them.
-RESUME_SETTINGS = ("verifier", "generator", "candidates", "dataset", "synthetic_levels", "n", "gen_temperature",
+RESUME_SETTINGS = ("verifier", "generator", "candidates", "mixed_only", "dataset", "synthetic_levels", "n", "gen_temperature",
                    "gen_max_new_tokens", "k_min", "k_max", "tau", "compare_fixed_k", "verifier_temperature",
                    "verifier_max_new_tokens", "seed")
 
@@ -354,9 +402,10 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     check_settings(args, out / "settings.json")
     if args.candidates:
-        problems = read_labeled_candidates(Path(args.candidates), args.num_problems, args.n)
+        problems = read_labeled_candidates(Path(args.candidates), args.num_problems, args.n, args.seed, args.mixed_only)
         if not problems:
-            raise SystemExit(f"best_of_n.py: --candidates {args.candidates}: no question has {args.n} candidates")
+            raise SystemExit(f"best_of_n.py: --candidates {args.candidates}: no question has {args.n} candidates"
+                             + (" with both correct and incorrect ones (--mixed-only)" if args.mixed_only else ""))
     else:
         generate_candidates(args, out / "candidates.jsonl")
         problems = read_jsonl(out / "candidates.jsonl")[: args.num_problems]

@@ -15,7 +15,8 @@ The result is a ``DatasetDict`` with four splits:
 - ``data_collection/*.jsonl.gz`` with rows ``{question, question_id, model_output, correctness,
   verifier_output, target, ...}``; a seeded ``--val-fraction`` of its question ids is held out for validation.
 
-The label is the verdict at the end of the rationale (markdown around it is tolerated, text after it dropped).
+The label is the verdict at the end of the rationale: "Verification: Is the answer correct (Yes/No)? Yes|No" or
+"...correct? (Yes/No) Yes|No", markdown emphasis and whitespace between the parts tolerated, text after it dropped.
 A verification row is skipped, with its file, row number and reason, when its rationale has no verdict or its
 verdict disagrees with the row's known correctness (``correctness``, or the zip's correct/incorrect name).
 The correct-solutions part does not depend on the rationale: it takes every row known to be correct.
@@ -52,9 +53,14 @@ SPLITS = ("verify_train", "verify_validation", "correct_train", "correct_validat
 VERIFY_COLUMNS = ("question_id", "question", "solution", "prompt", "rationale", "label")
 CORRECT_COLUMNS = ("question_id", "question", "solution")
 ZIP_NAME = re.compile(r"critiques_(correct|incorrect)_solutions_batch_\d+(_val)?\.zip")
-# The last verdict, with the markdown/HTML the critic models put around it ("**Yes**", "<b>No</b>", "?** No", "Verification:** Is").
-_VERDICT_RE = re.compile(r"(?:\*+|<b>|\s)*Verification:(?:\*+|</b>)? Is the answer correct \(Yes/No\)\?(?:\*+|</?b>|\s)*"
-                         r"((?i:yes|no))\b")
+# The last verdict, in the forms the critic models write it: markdown/HTML emphasis and any whitespace (newlines
+# too) between its parts ("**Verification:**\nIs", "**Verification**: Is", "?** No", "<b>No</b>"), and the
+# question mark before or after "(Yes/No)" ("correct (Yes/No)? X", "correct? (Yes/No) X", "correct? (Yes/No)? X").
+# The verdict is a whole word (a trailing "_" is emphasis) not followed by "/" ("Yes/No" copied from the question
+# is no verdict).
+_MARKUP = r"(?:[*_\s]|</?(?:b|strong)>)*"  # one character per repeat: no nested quantifier to backtrack through
+_VERDICT_RE = re.compile(r"Verification" + _MARKUP + ":" + _MARKUP + r"Is\s+the\s+answer\s+correct"
+                         r"(?:\s*\(Yes/No\)\s*\?|\s*\?\s*\(Yes/No\)(?:\s*\?)?)" + _MARKUP + r"((?i:yes|no))(?![^\W_]|\s*/)")
 _QUESTION_MARK = "\nQ: "
 _ANSWER_MARK = "\nA: Let's think step by step.\n"
 MAX_SKIPS_SHOWN = 20
@@ -130,8 +136,20 @@ def parse_verdict(text: str) -> tuple[str, str]:
         raise SkipRow("no verdict", repr(text[-60:]))
     match = matches[-1]
     label = match.group(1).capitalize()
-    head = text[:match.start()].rstrip()
+    head = _strip_trailing_markup(text[:match.start()])  # the "**" or "<b>" that opened the verdict line
     return (f"{head}\n\n" if head else "") + f"{VERDICT} {label}", label
+
+
+def _strip_trailing_markup(text: str) -> str:
+    """`text` without the whitespace, "*", "_", <b> and <strong> tags at its end (a loop, not a regex anchored at
+    the end, which would rescan every run of markup in `text`)."""
+    while True:
+        stripped = text.rstrip(" \t\r\n*_")
+        for tag in ("<b>", "</b>", "<strong>", "</strong>"):
+            stripped = stripped.removesuffix(tag)
+        if stripped == text:
+            return text
+        text = stripped
 
 
 def verify_row(question_id: str, question: str, solution: str, critique: str, expected: str, source: str) -> dict:
@@ -380,7 +398,9 @@ def main(argv: list[str] | None = None) -> dict:
     summary = summarize(report, splits)
     skipped_file = None
     if args.output_dir:
-        dataset.save_to_disk(args.output_dir)
+        # datasets writes an empty split (e.g. --val-fraction 0) as zero shards, which load_from_disk cannot read
+        # back (IndexError in concat_tables): one shard each keeps the folder loadable.
+        dataset.save_to_disk(args.output_dir, num_shards={name: 1 for name, split in dataset.items() if len(split) == 0})
         skipped_file = Path(args.output_dir) / "skipped.jsonl"
         skipped_file.write_text("".join(json.dumps(s) + "\n" for s in report.skipped))
     print_summary(summary, skipped_file)

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import string
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -80,6 +84,40 @@ def tiny_run_args(tiny_model_dir, tmp_path):
         "--max-length", "256", "--max-new-tokens", "16", "--val-generate-samples", "4", "--num-sanity-val-steps", "0",
         "--storage-path", str(tmp_path / "runs"), "--name", "tiny", "--no-verbose", "--seed", "0",
     ]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's standalone S3 server on a free 127.0.0.1 port, for the session; yields its endpoint URL."""
+    pytest.importorskip("moto")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(200):  # the server takes a second or two to listen
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    else:
+        server.terminate()
+        pytest.fail(f"moto's S3 server did not start on port {port}")
+    yield f"http://127.0.0.1:{port}"
+    server.terminate()
+    server.wait(10)
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """The standard AWS variables pointed at ``s3_server`` (what storage.py and boto3 read); returns a boto3 client."""
+    import boto3
+
+    for key, value in {"AWS_ENDPOINT_URL": s3_server, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    return boto3.client("s3")
 
 
 class Recorder(pl.Callback):

@@ -1,11 +1,13 @@
-"""extension/data_preparation.py: both genrm-critiques layouts written as small fixtures (exact counts, skip
-reasons, question/solution parsing, the question-disjoint validation carve), the synthetic source, --repo."""
+"""extension/data_preparation.py: both genrm-critiques layouts written as small fixtures (exact counts per label,
+skip reasons, the verdict forms the critic models write, question/solution parsing, the question-disjoint
+validation carve), the synthetic source, --repo (with push_to_hub stubbed)."""
 
 from __future__ import annotations
 
 import gzip
 import json
 import zipfile
+from collections import Counter
 
 import pytest
 
@@ -29,16 +31,30 @@ def zip_row(qid: int, question: str, solution: str, targets: str) -> dict:
     return {"inputs": inputs(question, solution), "targets": targets, "question_id": qid, "model_output_id": 0}
 
 
-def dc_row(qid: int, correctness: str, verifier_output: str, solution: str = "2 + 3 = 5. The answer is 5.") -> dict:
+def dc_row(qid: int, correctness: int | str, verifier_output: str, solution: str = "2 + 3 = 5. The answer is 5.") -> dict:
+    """A data_collection row; the release's `correctness` is an int (0/1), the reader takes "0"/"1" too."""
     return {"question": f"Question {qid}?", "question_id": qid, "model_output": solution, "model_output_id": 0,
             "extracted_answer": "5", "target": "5", "correctness": correctness, "verifier_prompt": "...",
             "verifier_output": verifier_output}
 
 
+# (question id, correctness, rationale, label parsed or None) for the data_collection fixture's rows 25-30.
+VERDICT_FORMS = [
+    (43, 1, "Step 1 is right.\n**Verification:**\nIs the answer correct (Yes/No)? Yes", "Yes"),
+    (44, 0, "Step 2 is off.\n**Verification**: Is the answer correct (Yes/No)? No", "No"),
+    (45, 1, "All steps check.\n\n  Verification:  \n Is the answer  correct\n(Yes/No)?\n\n  Yes  \n", "Yes"),
+    (46, 0, "Step 3 is off.\n\n**Verification:** Is the answer correct? (Yes/No) **No**\n\n**Final Grade:** 2 of 5", "No"),
+    (47, "1", "Fine.\n\n**Final Grade:** Verification: Is the answer correct? (Yes/No)? __yes__", "Yes"),
+    (48, 0, "Unsure.\n\nVerification: Is the answer correct (Yes/No)? Yes/No", None),
+]
+
+
 @pytest.fixture
 def critiques(tmp_path):
     """Zip layout: 3 correct-solution rows (one critique says No, one a duplicate solution), a _val zip.
-    data_collection: correctness 1/0 rows, one rationale without a verdict, one bold verdict with a trailer."""
+    data_collection (integer correctness as in the release, one string): rows 1-20 say Yes; then a _val question,
+    a bold verdict with a trailer, no verdict, a verdict against correctness, and rows 25-30 in the other forms the
+    critic models write the verdict (the last one, "Yes/No" copied from the question, is no verdict)."""
     root = tmp_path / "critiques"
     root.mkdir()
     write_zip(root / "critiques_correct_solutions_batch_01.zip", [
@@ -50,11 +66,12 @@ def critiques(tmp_path):
     write_zip(root / "critiques_correct_solutions_batch_02_val.zip", [zip_row(10, "Q10?", "Right.", YES)])
     write_zip(root / "critiques_incorrect_solutions_batch_02_val.zip", [zip_row(10, "Q10?", "Wrong.", NO)])
     (root / "data_collection").mkdir()
-    rows = [dc_row(qid, "1", YES) for qid in range(20, 40)] + [
-        dc_row(10, "0", NO, "Also wrong."),  # a _val question of the zip layout: must stay in validation
-        dc_row(40, "0", "Step 1 is wrong.\n\nVerification: Is the answer correct (Yes/No)? **No**\n\nGrade: F"),
-        dc_row(41, "0", "I cannot tell."),
-        dc_row(42, "1", NO),
+    rows = [dc_row(qid, 1, YES) for qid in range(20, 40)] + [
+        dc_row(10, 0, NO, "Also wrong."),  # a _val question of the zip layout: must stay in validation
+        dc_row(40, 0, "Step 1 is wrong.\n\nVerification: Is the answer correct (Yes/No)? **No**\n\nGrade: F"),
+        dc_row(41, 0, "I cannot tell."),
+        dc_row(42, 1, NO),
+        *(dc_row(qid, correctness, text) for qid, correctness, text, _ in VERDICT_FORMS),
     ]
     with gzip.open(root / "data_collection" / "critique_gen_round_0_shard_0.jsonl.gz", "wt") as f:
         f.write("".join(json.dumps(r) + "\n" for r in rows))
@@ -74,11 +91,34 @@ def test_parse_inputs_exact():
     ("Bad.\n**Verification: Is the answer correct (Yes/No)? No**", "No", "Bad."),
     ("Ok.\nVerification:** Is the answer correct (Yes/No)?** Yes\n\n**Final Grade: A**", "Yes", "Ok."),
     ("Verification: Is the answer correct (Yes/No)? <b>no</b>", "No", ""),
+    # Markdown and whitespace between the parts, and the "correct? (Yes/No)" variant:
+    ("Ok.\n**Verification:**\nIs the answer correct (Yes/No)? Yes", "Yes", "Ok."),
+    ("Ok.\n**Verification**: Is the answer correct (Yes/No)? No", "No", "Ok."),
+    ("Ok.\n\n  Verification:  \n Is the answer  correct\n(Yes/No)?\n\n  Yes  \n", "Yes", "Ok."),
+    ("Ok.\n\n**Verification:** Is the answer correct? (Yes/No) **No**\n\n**Final Grade:** 2 of 5", "No", "Ok."),
+    ("Ok.\n<b>Verification:</b> Is the answer correct? (Yes/No)? <b>Yes</b>", "Yes", "Ok."),
+    # The last verdict counts, the text before it is kept:
+    ("Verification: Is the answer correct (Yes/No)? No\nOn second thought:\n"
+     "Verification: Is the answer correct? (Yes/No) Yes", "Yes",
+     "Verification: Is the answer correct (Yes/No)? No\nOn second thought:"),
 ])
 def test_parse_verdict_normalises_the_last_line(text, label, head):
     rationale, got = prep.parse_verdict(text)
     assert got == label
     assert rationale == (f"{head}\n\n" if head else "") + f"Verification: Is the answer correct (Yes/No)? {label}"
+
+
+@pytest.mark.parametrize("text", [
+    "I cannot tell.",
+    "Verification: Is the answer correct (Yes/No)?",
+    "Verification: Is the answer correct (Yes/No)? Yes/No",
+    "Verification: Is the answer correct? (Yes/No) Maybe",
+    "Verification: Is the answer correct (Yes/No)? Yesterday it was.",
+    "Is the answer correct (Yes/No)? Yes",
+])
+def test_parse_verdict_rejects_text_without_a_final_verdict(text):
+    with pytest.raises(prep.SkipRow, match="no verdict"):
+        prep.parse_verdict(text)
 
 
 def test_zip_layout_counts_and_skips(critiques, tmp_path):
@@ -105,6 +145,26 @@ def test_zip_layout_counts_and_skips(critiques, tmp_path):
     assert json.loads((tmp_path / "out" / "skipped.jsonl").read_text())["row"] == 3
 
 
+def test_data_collection_layout_labels_per_class(critiques, tmp_path):
+    """The data_collection file alone, nothing held out: Yes = rows 1-20 and the forms of 43, 45, 47 (23); No =
+    questions 10, 40, 44, 46 (4); skipped: 41 and 48 (no verdict), 42 (a No verdict on a correct solution);
+    correct solutions, whatever their critique says: 20-39, 42, 43, 45, 47 (24)."""
+    for batch in critiques.glob("*.zip"):
+        batch.unlink()
+    summary = prep.main(["--path", str(critiques), "--output-dir", str(tmp_path / "out"), "--val-fraction", "0"])
+    assert summary["kept"] == {"verify_train": {"No": 4, "Yes": 23}, "verify_validation": {},
+                               "correct_train": {"rows": 24}, "correct_validation": {"rows": 0}}
+    assert summary["skipped"] == {"no verdict": 2, "verdict disagrees with correctness": 1}
+    assert [s["row"] for s in summary["skipped_rows"]] == [23, 24, 30]
+    import datasets
+
+    data = datasets.load_from_disk(str(tmp_path / "out"))
+    labels = dict(zip(data["verify_train"]["question_id"], data["verify_train"]["label"]))
+    assert labels == {**{str(q): "Yes" for q in range(20, 40)}, "10": "No", "40": "No",
+                      **{str(q): label for q, _, _, label in VERDICT_FORMS if label}}
+    assert data["correct_train"]["question_id"] == [*map(str, range(20, 40)), "42", "43", "45", "47"]
+
+
 def test_both_layouts_carve_disjoint_validation(critiques, tmp_path, capsys):
     summary = prep.main(["--path", str(critiques), "--output-dir", str(tmp_path / "out"), "--val-fraction", "0.2"])
     reasons = [(s["file"], s["row"], s["reason"]) for s in summary["skipped_rows"]]
@@ -113,8 +173,9 @@ def test_both_layouts_carve_disjoint_validation(critiques, tmp_path, capsys):
          "verdict disagrees with file name"),
         ("critique_gen_round_0_shard_0.jsonl.gz", 23, "no verdict"),
         ("critique_gen_round_0_shard_0.jsonl.gz", 24, "verdict disagrees with correctness"),
+        ("critique_gen_round_0_shard_0.jsonl.gz", 30, "no verdict"),
     ]
-    assert summary["skipped"] == {"verdict disagrees with file name": 1, "no verdict": 1,
+    assert summary["skipped"] == {"no verdict": 2, "verdict disagrees with file name": 1,
                                   "verdict disagrees with correctness": 1}
     import datasets
 
@@ -122,13 +183,16 @@ def test_both_layouts_carve_disjoint_validation(critiques, tmp_path, capsys):
     train = set(data["verify_train"]["question_id"]) | set(data["correct_train"]["question_id"])
     val = set(data["verify_validation"]["question_id"]) | set(data["correct_validation"]["question_id"])
     assert not train & val
-    # 25 carve-able ids (1, 2, 3, 20..39, 40, 42; 41 and 10 aside): 20% is 5, plus the _val question 10.
-    assert "10" in val and len(val - {"10"}) == 5
+    # 32 carve-able ids (1, 2, 3, 20..48; 10 is a _val question): 20% is round(6.4) = 6, plus question 10. Ids
+    # whose only row was skipped (41, 48: no verdict, not a correct solution) have no row in either split.
+    carved = prep.validation_ids(prep.read_genrm(critiques, prep.Report()), 0.2, 0)
+    assert "10" in carved and len(carved - {"10"}) == 6
+    assert val == carved - {"41", "48"}
     total = {s: sum(v.values()) for s, v in summary["kept"].items()}
-    assert total["verify_train"] + total["verify_validation"] == 3 + 2 + 20 + 2  # zip kept + _val + dc kept
-    assert summary["rows_read"]["critique_gen_round_0_shard_0.jsonl.gz"] == 24
+    assert total["verify_train"] + total["verify_validation"] == 3 + 2 + 22 + 5  # zip kept + _val + dc kept
+    assert summary["rows_read"]["critique_gen_round_0_shard_0.jsonl.gz"] == 30
     out = capsys.readouterr().out
-    assert "no verdict: 1" in out and "critique_gen_round_0_shard_0.jsonl.gz row 23: no verdict" in out
+    assert "no verdict: 2" in out and "critique_gen_round_0_shard_0.jsonl.gz row 23: no verdict" in out
 
 
 def test_synthetic_labels_match_is_correct_and_balance(tmp_path):
@@ -154,6 +218,24 @@ def test_repo_without_token_errors_clearly(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         prep.main(["--source", "synthetic", "--repo", "me/genrm"])
     assert "--repo me/genrm needs a Hugging Face write token in the HF_TOKEN environment variable" in capsys.readouterr().err
+
+
+def test_repo_pushes_a_private_dataset_with_the_env_token(monkeypatch, capsys):
+    import datasets
+
+    pushes = []
+    monkeypatch.setattr(datasets.DatasetDict, "push_to_hub",
+                        lambda self, repo, **kwargs: pushes.append((self, repo, kwargs)))
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    summary = prep.main(["--source", "synthetic", "--num-problems", "8", "--repo", "me/genrm"])
+    assert len(pushes) == 1
+    dataset, repo, kwargs = pushes[0]
+    assert repo == "me/genrm" and kwargs == {"private": True, "token": "hf_test_token"}
+    assert set(dataset) == set(prep.SPLITS)
+    assert sum(len(dataset[name]) for name in ("verify_train", "verify_validation")) == 8
+    assert summary["kept"]["verify_train"] == dict(sorted(Counter(dataset["verify_train"]["label"]).items()))
+    assert dataset["verify_train"].column_names == list(prep.VERIFY_COLUMNS)
+    assert "pushed to the private hub dataset me/genrm" in capsys.readouterr().out
 
 
 def test_path_without_either_layout_errors(tmp_path, capsys):

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import email.utils
 import json
+import re
+import shutil
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -15,7 +19,7 @@ import inference
 import train
 import upload_to_hub
 import win_rate
-from config import resolve
+from config import SECRET_ENV_VARS, redact, resolve
 
 # ---- math accuracy -------------------------------------------------------------------------------------------
 
@@ -91,6 +95,74 @@ def test_inference_reads_a_dataset_and_keeps_its_references(tmp_path, tiny_model
     assert rows[0]["prompt"][-1]["role"] == "user"
 
 
+def test_transformers_sampling_turns_off_the_default_top_k(tiny_model_dir, monkeypatch):
+    """transformers samples from the 50 likeliest tokens unless told otherwise; vLLM from all of them. The
+    fallback must ask for top_k=0 so both draw from the distribution --temperature and --top-p describe."""
+    backend = inference.TransformersBackend(str(tiny_model_dir))
+    seen = []
+    real = backend.model.generate
+
+    def recording(**kwargs):
+        seen.append({k: v for k, v in kwargs.items() if k not in ("input_ids", "attention_mask")})
+        return real(**kwargs)
+
+    monkeypatch.setattr(backend.model, "generate", recording)
+    batch = [{"messages": [{"role": "user", "content": "What is 1 + 1?"}]}]
+    sampled = inference.parse_args(["--model-name", "m", "--prompts", "p", "--output", "o", "--n", "3",
+                                    "--temperature", "0.7", "--top-p", "0.9", "--max-new-tokens", "3"])
+    assert [len(answers) for answers in backend.generate(batch, sampled, seed=0)] == [3]
+    assert seen[-1] | {"eos_token_id": None} == {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 0,
+                                                 "num_return_sequences": 3, "max_new_tokens": 3, "eos_token_id": None,
+                                                 "pad_token_id": backend.tokenizer.pad_token_id}
+    greedy = inference.parse_args(["--model-name", "m", "--prompts", "p", "--output", "o", "--max-new-tokens", "3"])
+    backend.generate(batch, greedy, seed=0)
+    assert seen[-1]["do_sample"] is False and "top_k" not in seen[-1] and "temperature" not in seen[-1]
+
+
+def _written_rows(path, ids, settings, model):
+    return write_jsonl(path, [{"id": i, "prompt": [], "completions": ["x"], "completion": "x", "reference": None,
+                               "model": model, "backend": "transformers", "settings": settings} for i in ids])
+
+
+def test_inference_refuses_a_corrupt_line_before_the_last_and_keeps_every_row(tmp_path, capsys):
+    out = tmp_path / "out.jsonl"
+    settings = {"n": 1, "temperature": 0.0, "top_p": 1.0, "max_new_tokens": 4, "seed": 42, "chat_template": True}
+    _written_rows(out, ["p0"], settings, "m")
+    with out.open("a") as handle:
+        handle.write('{"id": "p1", "prom\n')  # corrupt, yet followed by a valid row: not a crash's torn last line
+    _written_rows(tmp_path / "tail.jsonl", ["p2"], settings, "m")
+    out.write_text(out.read_text() + (tmp_path / "tail.jsonl").read_text())
+    before = out.read_text()
+    with pytest.raises(SystemExit):
+        inference.main(["--model-name", "m", "--prompts", str(_prompts(tmp_path, 3)), "--output", str(out),
+                        "--max-new-tokens", "4"])
+    assert f"--output {out} line 2 is not an inference.py row" in capsys.readouterr().err
+    assert out.read_text() == before  # the row after the bad line is still there
+
+
+@pytest.mark.parametrize(("flags", "named"), [
+    (["--n", "2"], "--n 1 there, 2 now"),
+    (["--temperature", "0.5"], "--temperature 0.9 there, 0.5 now"),
+    (["--top-p", "0.8"], "--top-p 1.0 there, 0.8 now"),
+    (["--max-new-tokens", "5"], "--max-new-tokens 4 there, 5 now"),
+    (["--seed", "7"], "--seed 42 there, 7 now"),
+    (["--no-chat-template"], "--chat-template/--no-chat-template True there, False now"),
+    (["--model-name", "other"], "--model-name 'm' there, 'other' now"),
+])
+def test_inference_refuses_to_resume_with_other_generation_settings(tmp_path, capsys, flags, named):
+    out = tmp_path / "out.jsonl"
+    settings = {"n": 1, "temperature": 0.9, "top_p": 1.0, "max_new_tokens": 4, "seed": 42, "chat_template": True}
+    _written_rows(out, ["p0", "p1"], settings, "m")
+    args = ["--model-name", "m", "--prompts", str(_prompts(tmp_path, 2)), "--output", str(out), "--temperature", "0.9",
+            "--max-new-tokens", "4"]
+    assert inference.main(args)["written"] == 0  # the same settings resume (here: nothing left to do)
+    with pytest.raises(SystemExit):
+        inference.main([*args, *flags])
+    err = capsys.readouterr().err
+    assert f"--output {out} holds answers generated with other settings ({named})" in err
+    assert len(out.read_text().splitlines()) == 2
+
+
 # ---- win rate ------------------------------------------------------------------------------------------------
 
 def test_win_rate_by_hand():
@@ -102,11 +174,21 @@ def test_win_rate_by_hand():
     assert result["ci95"] == pytest.approx([0.625 - 0.4692, 1.0], abs=1e-4)
 
 
-class JudgeServer:
-    """An OpenAI-compatible reward endpoint on 127.0.0.1: reward = length of the assistant's answer; the first
-    call for each answer gets a 429; an answer containing 'garble' gets an unparseable reply."""
+def test_retry_after_reads_seconds_and_http_dates():
+    assert win_rate.retry_after("3", 1.0) == 3.0
+    assert win_rate.retry_after(None, 1.5) == 1.5 and win_rate.retry_after("soon", 2.0) == 2.0
+    in_30_s = email.utils.formatdate(time.time() + 30, usegmt=True)  # e.g. 'Sun, 01 Nov 2026 12:00:30 GMT'
+    assert win_rate.retry_after(in_30_s, 1.0) == pytest.approx(30, abs=2)
+    assert win_rate.retry_after(email.utils.formatdate(time.time() - 60, usegmt=True), 1.0) == 0.0
 
-    def __init__(self):
+
+class JudgeServer:
+    """An OpenAI-compatible reward endpoint on 127.0.0.1: reward = length of the assistant's answer; an answer
+    containing 'garble' gets an unparseable reply. The first call for each answer fails, as ``first_reply`` says:
+    '429' (Retry-After in seconds), '503' (Retry-After as an HTTP date), or 'drop' (the connection is closed
+    without a reply)."""
+
+    def __init__(self, first_reply: str = "429"):
         self.calls, self.seen, self.headers = [], set(), []
         server = self
 
@@ -118,8 +200,11 @@ class JudgeServer:
                 server.headers.append(self.headers.get("Authorization"))
                 if answer not in server.seen:
                     server.seen.add(answer)
-                    self.send_response(429)
-                    self.send_header("Retry-After", "0")
+                    if first_reply == "drop":
+                        self.close_connection = True  # the client sees RemoteDisconnected
+                        return
+                    self.send_response(int(first_reply))
+                    self.send_header("Retry-After", "0" if first_reply == "429" else email.utils.formatdate(usegmt=True))
                     self.end_headers()
                     return
                 content = "I cannot score that" if "garble" in answer else f"reward:{len(answer)}.5"
@@ -138,8 +223,8 @@ class JudgeServer:
 
 
 @pytest.fixture
-def judge_server(monkeypatch):
-    server = JudgeServer()
+def judge_server(monkeypatch, request):
+    server = JudgeServer(getattr(request, "param", "429"))
     monkeypatch.setenv("JUDGE_BASE_URL", server.url)
     monkeypatch.setenv("JUDGE_API_KEY", "sk-test-secret-123")
     yield server
@@ -151,6 +236,7 @@ def _answers(tmp_path, name, completions):
                                                      "completion": c} for i, c in enumerate(completions)])
 
 
+@pytest.mark.parametrize("judge_server", ["429", "503", "drop"], indirect=True)
 def test_win_rate_against_an_openai_compatible_server_with_retries_and_a_cache(tmp_path, judge_server, monkeypatch):
     monkeypatch.setattr(win_rate.ApiJudge.__init__, "__defaults__", (5, 0.01, 60.0))  # fast backoff in tests
     ours = _answers(tmp_path, "ours", ["a long answer", "mid", "xx"])
@@ -159,7 +245,8 @@ def test_win_rate_against_an_openai_compatible_server_with_retries_and_a_cache(t
     summary = win_rate.main(args)
     # Rewards are lengths + 0.5: 13.5 > 5.5 (win), 3.5 = 3.5 (tie), 2.5 < 17.5 (loss).
     assert (summary["wins"], summary["ties"], summary["losses"]) == (1, 1, 1) and summary["win_rate"] == 0.5
-    assert len(judge_server.calls) == 2 * 5  # 5 distinct answers, each a 429 then a success
+    assert len(judge_server.calls) == 2 * 5  # 5 distinct answers, each a failure (429, 503 or dropped) then a success
+    assert summary["dropped_failed_judge"] == 0
     assert set(judge_server.headers) == {"Bearer sk-test-secret-123"}
     per_prompt = [json.loads(line) for line in (tmp_path / "wr" / "per_prompt.jsonl").read_text().splitlines()]
     assert [p["candidate_reward"] for p in per_prompt] == [13.5, 3.5, 2.5]
@@ -177,6 +264,20 @@ def test_win_rate_refuses_when_too_many_judge_calls_fail(tmp_path, judge_server,
     assert "2 of 6 judge calls failed" in err and "no 'reward:<float>'" in err
     assert "sk-test-secret-123" not in err
     assert not (tmp_path / "wr" / "summary.json").exists()
+
+
+def test_win_rate_reports_the_prompts_dropped_for_a_failed_judge_call(tmp_path, judge_server, monkeypatch, capsys):
+    """1 of 6 calls fails (unparseable), within --max-failure-rate 0.2: that prompt is left out and counted.
+    Of the other two: 1.5 < 2.5 (loss), 2.5 < 8.5 (loss)."""
+    monkeypatch.setattr(win_rate.ApiJudge.__init__, "__defaults__", (5, 0.01, 60.0))
+    ours = _answers(tmp_path, "ours", ["garble one", "b", "cc"])
+    base = _answers(tmp_path, "base", ["ok", "ok", "fine too"])
+    summary = win_rate.main(["--candidates", str(ours), "--baseline", str(base), "--judge", "api", "--max-failure-rate",
+                             "0.2", "--output-dir", str(tmp_path / "wr")])
+    assert (summary["prompts"], summary["dropped_failed_judge"], summary["losses"]) == (2, 1, 2)
+    assert json.loads((tmp_path / "wr" / "summary.json").read_text())["dropped_failed_judge"] == 1
+    printed = capsys.readouterr().out
+    assert "over 2 prompts" in printed and "; 1 prompt dropped because a judge call failed" in printed
 
 
 @pytest.fixture(scope="module")
@@ -204,10 +305,22 @@ def test_win_rate_with_the_local_judge_and_during_validation(tmp_path, tiny_mode
     baseline = tmp_path / "baseline.jsonl"
     inference.main(["--model-name", str(tiny_model_dir), "--dataset-name", "synthetic-math", "--synthetic-levels", "1",
                     "--limit", "8", "--output", str(baseline), "--max-new-tokens", "4", "--seed", "0"])  # tiny_run_args' data
+    # The tiny model answers "" everywhere; other baseline answers make the outcomes more than ties.
+    rows = [json.loads(line) for line in baseline.read_text().splitlines()]
+    write_jsonl(baseline, [{**r, "completion": ["", "7", "#### 12", "I do not know"][k % 4]} for k, r in enumerate(rows)])
     cfg, _ = resolve([*tiny_run_args, "--max-steps", "1", "--calculate-win-rate", "--win-rate-baseline", str(baseline),
                       "--win-rate-judge", str(reward_model_dir)])
     after = train.run(cfg)["after"]
-    assert 0.0 <= after["val/win_rate"] <= 1.0
+    # The same validation answers (saved by the run), judged by the standalone script against the same baseline.
+    prompts = {row["prompt"][-1]["content"]: (i, row["prompt"]) for i, row in win_rate.read_answers(str(baseline)).items()}
+    generations = [json.loads(line) for line in (cfg.run_dir / "generations" / "step-1.jsonl").read_text().splitlines()]
+    candidates = write_jsonl(tmp_path / "validation.jsonl", [
+        {"id": prompts[g["prompt"]][0], "prompt": prompts[g["prompt"]][1], "completion": g["generated"]} for g in generations])
+    standalone = win_rate.main(["--candidates", str(candidates), "--baseline", str(baseline), "--judge-model",
+                                str(reward_model_dir), "--output-dir", str(tmp_path / "wr-validation")])
+    assert standalone["prompts"] == len(generations) == 4 and standalone["unmatched_ids"] == 0
+    assert standalone["ties"] < 4  # all ties would give 0.5 whatever the validation path did
+    assert after["val/win_rate"] == pytest.approx(standalone["win_rate"], abs=1e-4)  # train.py rounds to 4 decimals
 
 
 # ---- export and upload ------------------------------------------------------------------------------------------
@@ -276,13 +389,104 @@ def test_export_of_a_reward_model_keeps_its_head(tmp_path, tiny_run_args):
     assert exported.config.num_labels == 1
 
 
-def test_validation_accuracy_reads_math_format_data(tmp_path, tiny_run_args):
-    """MATH rows (problem, solution with \\boxed{}) train and validate, with the math-verify answer accuracy."""
+RAY_CHECKPOINT = "checkpoint_2026-01-01_00-00-00.000000"  # how Ray Train names a checkpoint folder (by time)
+
+
+def _assert_exports_the_checkpoint(folder, state):
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(folder)
+    torch.testing.assert_close(exported.model.embed_tokens.weight, state["model.model.embed_tokens.weight"])
+    torch.testing.assert_close(exported.model.layers[1].mlp.down_proj.weight, state["model.model.layers.1.mlp.down_proj.weight"])
+
+
+def test_export_from_a_ray_run_folder_locally_and_on_s3(tmp_path, tiny_run_args, s3_env):
+    """A Ray run keeps checkpoint_<time>/checkpoint.ckpt (the newest one is exported) and its logs elsewhere, so the
+    model card's metrics come from the checkpoint itself."""
+    cfg, _ = resolve([*tiny_run_args, "--val-generate-samples", "0"])  # one epoch: validated, then checkpointed
+    train.run(cfg)
+    source = (cfg.run_dir / "checkpoints" / "last.ckpt").resolve()
+    checkpoint = torch.load(source, weights_only=False)
+    assert "val/loss" in checkpoint["val_metrics"]
+    run = tmp_path / "ray-run"
+    (run / RAY_CHECKPOINT).mkdir(parents=True)
+    shutil.copy(source, run / RAY_CHECKPOINT / "checkpoint.ckpt")
+    (run / "checkpoint_2025-12-31_00-00-00.000000").mkdir()  # older: exporting it would fail
+    (run / "checkpoint_2025-12-31_00-00-00.000000" / "checkpoint.ckpt").write_bytes(b"not a checkpoint")
+
+    folder = upload_to_hub.main(["--checkpoint-path", str(run), "--training-type", "sft", "--local-dir", str(tmp_path / "a")])
+    _assert_exports_the_checkpoint(folder, checkpoint["state_dict"])
+    card = (folder / "README.md").read_text()
+    assert f"| val/loss | {checkpoint['val_metrics']['val/loss']:.4g} |" in card
+
+    s3_env.create_bucket(Bucket="exports")
+    s3_env.upload_file(str(source), "exports", f"runs/ray-run/{RAY_CHECKPOINT}/checkpoint.ckpt")
+    for n, uri in enumerate(["s3://exports/runs/ray-run", f"s3://exports/runs/ray-run/{RAY_CHECKPOINT}"]):
+        folder = upload_to_hub.main(["--checkpoint-path", uri, "--training-type", "sft", "--local-dir", str(tmp_path / f"s3-{n}")])
+        _assert_exports_the_checkpoint(folder, checkpoint["state_dict"])
+        assert f"| val/loss | {checkpoint['val_metrics']['val/loss']:.4g} |" in (folder / "README.md").read_text()
+
+
+def test_export_names_the_flag_for_a_missing_or_sharded_checkpoint(tmp_path, capsys):
+    missing = tmp_path / "no-such-run"
+    with pytest.raises(SystemExit):
+        upload_to_hub.main(["--checkpoint-path", str(missing), "--training-type", "sft", "--local-dir", str(tmp_path / "x")])
+    assert f"--checkpoint-path {missing}: no checkpoint there" in capsys.readouterr().err
+    sharded = tmp_path / "run" / "checkpoints" / "last.ckpt"  # Lightning's FSDP sharded layout: a folder
+    sharded.mkdir(parents=True)
+    (sharded / "__0_0.distcp").write_bytes(b"shard")
+    with pytest.raises(SystemExit):
+        upload_to_hub.main(["--checkpoint-path", str(tmp_path / "run"), "--training-type", "sft", "--local-dir", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert "is a sharded checkpoint" in err and "--state-dict-type full" in err and "final_model/" in err
+
+
+def test_final_metrics_come_from_the_csv_logs_else_from_the_checkpoint(tmp_path):
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    stored = {"val_metrics": {"val/loss": 1.25, "val/accuracy": 0.5}}
+    assert upload_to_hub.final_metrics(ckpt, stored) == {"val/loss": 1.25, "val/accuracy": 0.5}
+    assert upload_to_hub.final_metrics(ckpt, {}) == {}
+    log = tmp_path / "run" / "csv" / "version_0" / "metrics.csv"
+    log.parent.mkdir(parents=True)
+    log.write_text("step,train/loss,val/loss\n1,2.0,\n2,,1.75\n3,1.5,\n")
+    assert upload_to_hub.final_metrics(ckpt, stored) == {"val/loss": 1.75}  # the run's own logs win
+
+
+def test_secrets_are_masked_in_the_model_card_even_when_their_variable_is_unset(monkeypatch):
+    for var in SECRET_ENV_VARS:
+        monkeypatch.delenv(var, raising=False)
+    tokens = ["hf_" + "A1b2" * 6, "sk-proj-" + "x_Y-9" * 5, "nvapi-" + "Zz0_" * 6, "AKIA" + "ABCDEFGH12345678"]
+    cfg = {"model_name": "m", "dataset_name": "d", "name": "run " + " ".join(tokens), "wandb_project": "task-" + "a" * 24}
+    card = upload_to_hub.model_card(cfg, {}, "sft")
+    assert not any(token in card for token in tokens) and card.count("***") == 4
+    assert "task-" + "a" * 24 in card  # a word ending in 'sk-' is not a key
+    assert redact("hf_short sk-short AKIAshort") == "hf_short sk-short AKIAshort"
+    monkeypatch.setenv("JUDGE_API_KEY", "judge-key-of-any-shape")
+    assert redact("key: judge-key-of-any-shape") == "key: ***"
+
+
+def test_validation_accuracy_reads_math_format_data(tmp_path, tiny_run_args, monkeypatch):
+    """MATH rows (problem, solution with \\boxed{}) train and validate, with the math-verify answer accuracy.
+    The validation answers are scripted (the tiny model gets nothing right). For the 4 validation problems "What
+    is i + 1?", in order: "$\\boxed{i+1}$" (right), "\\boxed{i+2}" (wrong), "\\boxed{\\frac{2i+2}{2}}" (right:
+    the same number as a fraction), "I do not know" (wrong: no answer). By hand: 2 of 4 right, accuracy 0.5."""
+    import module
+
+    def scripted(model, tokenizer, prompts, max_new_tokens, **kwargs):
+        answers = []
+        for position, ids in enumerate(prompts):
+            i = int(re.search(r"What is (\d+) \+ 1\?", tokenizer.decode(ids)).group(1))
+            answers.append([f"$\\boxed{{{i + 1}}}$", f"\\boxed{{{i + 2}}}", f"\\boxed{{\\frac{{{2 * i + 2}}}{{2}}}}",
+                            "I do not know"][position % 4])
+        return answers
+
+    monkeypatch.setattr(module, "generate_from_prompts", scripted)
     rows = [{"problem": f"What is {i} + 1?", "solution": f"{i} + 1 = {i + 1}, so the answer is $\\boxed{{{i + 1}}}$."}
             for i in range(12)]
     path = write_jsonl(tmp_path / "math.jsonl", rows)
     cfg, _ = resolve([*tiny_run_args, "--dataset-name", str(path), "--test-size", "0.34", "--max-steps", "1"])
     after = train.run(cfg)["after"]
-    assert 0.0 <= after["val/accuracy"] <= 1.0
-    generations = (cfg.run_dir / "generations" / "step-1.jsonl").read_text().splitlines()
-    assert all(json.loads(g)["correct"] in (True, False) for g in generations)
+    generations = [json.loads(g) for g in (cfg.run_dir / "generations" / "step-1.jsonl").read_text().splitlines()]
+    assert [g["correct"] for g in generations] == [True, False, True, False]
+    assert after["val/accuracy"] == 0.5
