@@ -44,7 +44,7 @@ def run(workers: int, args: argparse.Namespace, folder: Path) -> dict:
                "--train-dataset-length", str(args.global_batch * args.steps), "--test-dataset-length", "8",
                "--batch-size", str(per_worker), "--max-length", "256", "--val-generate-samples", "0",
                "--num-sanity-val-steps", "0", "--log-every-n-steps", "1", "--no-verbose", "--seed", "0",
-               "--storage-path", str(folder), "--name", name]
+               "--storage-path", str(folder), "--name", name] + (["--use-gpu"] if args.use_gpu else [])
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if done.returncode != 0:
         raise SystemExit(f"{workers} workers failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--model", default="smollm2-135m-instruct", help="Model name or folder (train.py --model-name).")
     parser.add_argument("--global-batch", type=int, default=8, help="Rows per optimizer step, split across the workers.")
     parser.add_argument("--steps", type=int, default=12, help="Optimizer steps per run (the first 2 are warm-up).")
+    parser.add_argument("--use-gpu", action="store_true", help="One GPU per worker (on a GPU cluster).")
     parser.add_argument("--out", help="Write the results here as JSON.")
     args = parser.parse_args(argv)
     counts = [int(w) for w in args.workers.split(",")]
