@@ -117,13 +117,14 @@ class TrainConfig:
     # Objective-specific.
     beta: float = _f(0.1, "DPO temperature beta.")
     lambda_: float = _f(0.1, "GenRM-CoT weight of the correct-solution SFT loss (flag --lambda).")
-    verifier_k_min: int = _f(8, "GenRM-CoT adaptive K: rationales drawn per group, and the fewest per solution (K_min).")
-    verifier_k_max: int = _f(32, "GenRM-CoT adaptive K: the most rationales per solution (K_max).")
-    verifier_tau: float = _f(0.05, "GenRM-CoT adaptive K: stop once the variance of p('Yes') over the rationales is below this.")
+    verifier_k_min: int = _f(
+        8, "GenRM-CoT adaptive K of the validation verifier score: rationales drawn per group, and the fewest per solution "
+        "(K_min).")
+    verifier_k_max: int = _f(32, "GenRM-CoT adaptive K of the validation verifier score: the most rationales per solution (K_max).")
+    verifier_tau: float = _f(
+        0.05, "GenRM-CoT adaptive K of the validation verifier score: a solution stops once the variance of its p('Yes') "
+        "values is below this.")
     verifier_temperature: float = _f(0.7, "GenRM-CoT: sampling temperature of verification rationales (0: greedy).")
-    val_verifier_rationales: int = _f(
-        1, "GenRM-CoT: rationales sampled per validation solution (the first --val-generate-samples) for the verifier score."
-    )
     ref_model_name: str | None = _f(None, "DPO reference model; default: a frozen copy of --model-name.")
     precompute_ref_logps: bool = _f(
         False, "DPO: compute the reference log-probs in one pass before training (cached on disk) and keep only the policy in memory."
@@ -283,13 +284,18 @@ def load_yaml(path: str) -> tuple[dict[str, Any], list[str]]:
     return values, problems
 
 
+class Problems(list):
+    """Messages naming what is wrong with a config; ``need(cond, message)`` adds the message when cond is false."""
+
+    def need(self, cond: bool, message: str) -> None:
+        if not cond:
+            self.append(message)
+
+
 def validate(cfg: TrainConfig) -> list[str]:
     """Every contradiction or out-of-range value in ``cfg``, as messages naming the flags."""
-    problems = []
-
-    def need(cond: bool, message: str) -> None:
-        if not cond:
-            problems.append(message)
+    problems = Problems()
+    need = problems.need
 
     for key in ("train_percentile", "test_percentile"):
         value = getattr(cfg, key)
@@ -314,7 +320,6 @@ def validate(cfg: TrainConfig) -> list[str]:
          f"need 1 <= --verifier-k-min <= --verifier-k-max, got {cfg.verifier_k_min} and {cfg.verifier_k_max}")
     need(cfg.verifier_tau >= 0, f"--verifier-tau must be 0 or more, got {cfg.verifier_tau}")
     need(cfg.verifier_temperature >= 0, f"--verifier-temperature must be 0 or more, got {cfg.verifier_temperature}")
-    need(cfg.val_verifier_rationales >= 1, f"--val-verifier-rationales must be at least 1, got {cfg.val_verifier_rationales}")
     if cfg.training_type != "dpo":
         need(cfg.ref_model_name is None, f"--ref-model-name is for --training-type dpo, not {cfg.training_type}")
         need(not cfg.precompute_ref_logps, f"--precompute-ref-logps is for --training-type dpo, not {cfg.training_type}")
@@ -342,11 +347,8 @@ def validate(cfg: TrainConfig) -> list[str]:
 
 def distribution_problems(cfg: TrainConfig) -> list[str]:
     """Strategy, precision, worker and storage settings that do not combine, as messages naming the flags."""
-    problems = []
-
-    def need(cond: bool, message: str) -> None:
-        if not cond:
-            problems.append(message)
+    problems = Problems()
+    need = problems.need
 
     fp8 = cfg.precision.startswith("transformer-engine")
     need(cfg.state_dict_type == "full" or cfg.strategy == "fsdp", "--state-dict-type sharded needs --strategy fsdp")

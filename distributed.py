@@ -160,7 +160,8 @@ def _worker(config: dict) -> None:
     problems = hardware_problems(cfg)
     if problems:
         raise ConfigError(problems)
-    workdir = cfg.run_dir / "resume" / f"rank-{ray.train.get_context().get_world_rank()}"
+    rank = ray.train.get_context().get_world_rank()
+    workdir = cfg.run_dir / "resume" / f"rank-{rank}"
     shutil.rmtree(workdir, ignore_errors=True)
     ckpt = None
     latest = ray.train.get_checkpoint()  # this run's newest: after a restart, or a resubmission of the same --name
@@ -171,7 +172,7 @@ def _worker(config: dict) -> None:
         ckpt = storage.fetch_checkpoint(cfg.resume_from_checkpoint, workdir)
     elif cfg.resume_from_checkpoint == "last":
         raise ConfigError([f"--resume-from-checkpoint last: run {cfg.storage_dir} has no checkpoint yet"])
-    if ray.train.get_context().get_world_rank() == 0:
+    if rank == 0:
         pull_run_files(cfg)
     results = train.run(cfg, ckpt=str(ckpt) if ckpt else None, on_ray=True)
     ray.train.report({k: v for k, v in (results.get("after") or results.get("test") or {}).items()})

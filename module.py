@@ -264,18 +264,20 @@ class PostTrainingModule(pl.LightningModule):
             path.write_text("".join(json.dumps(g) + "\n" for g in rows))
 
     def validate_verdicts(self) -> None:
-        """The validation verifier score: p("Yes") after --val-verifier-rationales sampled rationales on the first
-        --val-generate-samples verification rows, against their labels (AUC, accuracy at 0.5, mean per label)."""
+        """The validation verifier score, served as Best-of-N serves it: p("Yes") averaged over adaptive K sampled
+        rationales (--verifier-k-min, --verifier-k-max, --verifier-tau) on the first --val-generate-samples
+        verification rows, against their labels (AUC, accuracy at 0.5, mean per label, mean rationales used)."""
         from extension.verifier import score_prompts
 
         rows = [r for r in self.val_set.rows if r["part"] == "verify"][: self.cfg.val_generate_samples]
         if not rows:
             return
-        k = self.cfg.val_verifier_rationales
+        cfg = self.cfg
         scores = score_prompts(
-            self.model, self.tokenizer, [generation_prompt_ids(self.tokenizer, r["messages"]) for r in rows], k_min=k,
-            k_max=k, tau=0.0, temperature=self.cfg.verifier_temperature, max_new_tokens=self.cfg.max_new_tokens,
-            prompts_per_batch=max(1, self.cfg.batch_size * 4 // k), seed=self.cfg.seed, progress=self.cfg.verbose)
+            self.model, self.tokenizer, [generation_prompt_ids(self.tokenizer, r["messages"]) for r in rows],
+            k_min=cfg.verifier_k_min, k_max=cfg.verifier_k_max, tau=cfg.verifier_tau,
+            temperature=cfg.verifier_temperature, max_new_tokens=cfg.max_new_tokens,
+            prompts_per_batch=max(1, cfg.batch_size * 4 // cfg.verifier_k_min), seed=cfg.seed, progress=cfg.verbose)
         labels = [r["label"] == "Yes" for r in rows]
         values = [s.score for s in scores]
         self.last_generations = [
@@ -283,6 +285,7 @@ class PostTrainingModule(pl.LightningModule):
              "p_yes": s.p_yes, "rationales": s.rationales, "reference": r["reference"]} for r, s in zip(rows, scores)
         ]
         self._log("val/verifier_accuracy", sum((v >= 0.5) == y for v, y in zip(values, labels)) / len(rows), prog_bar=True)
+        self._log("val/verifier_rationales", sum(len(s.p_yes) for s in scores) / len(scores))
         area = auc(values, labels)
         if area is not None:  # both labels present
             self._log("val/verifier_auc", area)

@@ -16,6 +16,7 @@ not just text, is what lets us derive, without a model:
 import math
 import operator
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from fractions import Fraction
@@ -221,6 +222,45 @@ def solution_text(steps: Sequence[Step], answer: int) -> str:
     """GSM8K-style solution: one `"{text} {a} {op} {b} = {result}."` line per step, then `"#### {answer}"`."""
     lines = [f"{s.text} {s.a} {s.op} {s.b} = {s.result}." for s in steps]
     return "\n".join([*lines, f"#### {answer}"])
+
+
+_STEP_LINE = re.compile(r"(?P<text>.*?) ?(?P<a>\d+) (?P<op>[-+*/]) (?P<b>\d+) = (?P<result>\d+)\.?")
+_ANSWER_LINE = re.compile(r"####\s*(?P<answer>-?\d+)")
+
+
+def parse_solution(text: str) -> tuple[list[Step], int] | None:
+    """The steps and final answer of a solution in `solution_text`'s format (a model's sample, say), or None if a
+    line is in neither of its forms ("... a op b = r." per step, then "#### N").
+
+        parse_solution("Tom starts with 5 apples. Buying 3 more, Tom has 5 + 3 = 8.\n#### 8")
+        == ([Step("Tom starts with 5 apples. Buying 3 more, Tom has", 5, "+", 3, 8)], 8)
+    """
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if len(lines) < 2 or not (answer := _ANSWER_LINE.fullmatch(lines[-1])):
+        return None
+    steps = []
+    for line in lines[:-1]:
+        match = _STEP_LINE.fullmatch(line)
+        if match is None:
+            return None
+        steps.append(Step(match["text"], int(match["a"]), match["op"], int(match["b"]), int(match["result"])))
+    return steps, int(answer["answer"])
+
+
+def problems_by_id(problem_ids: Sequence[str], levels: tuple[int, ...]) -> dict[str, Problem]:
+    """The problems `generate_problems` numbered these ids ("synth-{seed}-{index}") with these levels.
+
+    Raises:
+        ValueError: an id is not of that form.
+    """
+    wanted: dict[int, set[int]] = {}
+    for problem_id in problem_ids:
+        match = re.fullmatch(r"synth-(\d+)-(\d+)", problem_id)
+        if match is None:
+            raise ValueError(f"{problem_id!r} is not a synthetic-math problem id (synth-SEED-INDEX)")
+        wanted.setdefault(int(match[1]), set()).add(int(match[2]))
+    return {p.id: p for seed, indices in wanted.items()  # the stream is prefix-stable: draw it once per seed
+            for i, p in enumerate(generate_problems(max(indices) + 1, seed, levels)) if i in indices}
 
 
 def correct_solution(problem: Problem) -> str:

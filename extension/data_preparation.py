@@ -1,4 +1,5 @@
-"""Build GenRM-CoT verification data from the genrm-critiques release, or offline from synthetic_math.py.
+"""Build GenRM-CoT verification data from the genrm-critiques release, or offline from synthetic_math.py (one-slip
+solutions, or a policy's own samples drawn by generate_dpo_pairs.py).
 
 The result is a ``DatasetDict`` with four splits:
 
@@ -23,6 +24,7 @@ The correct-solutions part does not depend on the rationale: it takes every row 
 
     python extension/data_preparation.py --path genrm-critiques/critiques --output-dir /tmp/genrm-prep
     python extension/data_preparation.py --source synthetic --num-problems 2000 --output-dir /tmp/synth-prep
+    python extension/data_preparation.py --source policy --path /tmp/sft-samples --output-dir /tmp/policy-prep
     HF_TOKEN=... python extension/data_preparation.py --path genrm-critiques/critiques --repo me/genrm-verify
 """
 
@@ -55,12 +57,13 @@ CORRECT_COLUMNS = ("question_id", "question", "solution")
 ZIP_NAME = re.compile(r"critiques_(correct|incorrect)_solutions_batch_\d+(_val)?\.zip")
 # The last verdict, in the forms the critic models write it: markdown/HTML emphasis and any whitespace (newlines
 # too) between its parts ("**Verification:**\nIs", "**Verification**: Is", "?** No", "<b>No</b>"), and the
-# question mark before or after "(Yes/No)" ("correct (Yes/No)? X", "correct? (Yes/No) X", "correct? (Yes/No)? X").
+# question mark before or after "(Yes/No)" ("correct (Yes/No)? X", "correct? (Yes/No) X", "correct? (Yes/No)? X"), or
+# no "(Yes/No)" at all ("correct? X").
 # The verdict is a whole word (a trailing "_" is emphasis) not followed by "/" ("Yes/No" copied from the question
 # is no verdict).
 _MARKUP = r"(?:[*_\s]|</?(?:b|strong)>)*"  # one character per repeat: no nested quantifier to backtrack through
 _VERDICT_RE = re.compile(r"Verification" + _MARKUP + ":" + _MARKUP + r"Is\s+the\s+answer\s+correct"
-                         r"(?:\s*\(Yes/No\)\s*\?|\s*\?\s*\(Yes/No\)(?:\s*\?)?)" + _MARKUP + r"((?i:yes|no))(?![^\W_]|\s*/)")
+                         r"(?:\s*\(Yes/No\)\s*\?|\s*\?\s*\(Yes/No\)(?:\s*\?)?|\s*\?)" + _MARKUP + r"((?i:yes|no))(?![^\W_]|\s*/)")
 _QUESTION_MARK = "\nQ: "
 _ANSWER_MARK = "\nA: Let's think step by step.\n"
 MAX_SKIPS_SHOWN = 20
@@ -289,6 +292,52 @@ def read_synthetic(num_problems: int, seed: int, levels: tuple[int, ...] = (1, 2
     return out
 
 
+def read_policy_samples(folder: Path, report: Report) -> Collected:
+    """Verification rows from a policy's own samples: a `generate_dpo_pairs.py --dataset-name synthetic-math` folder
+    (`generation.json`, `samples.jsonl`). Each sample's steps are parsed (`synthetic_math.parse_solution`) and
+    checked against the problem's known computation, which writes its rationale; its label is the sample's
+    math-verify correctness, and a sample whose rationale disagrees with it (its steps right but its "####" line
+    wrong, say) is skipped, as is one not in the solution format. The correct part is each problem's reference
+    solution. The policy's mistakes are what a verifier must catch at Best-of-N time, and the one-slip
+    solutions of `read_synthetic` are not the same distribution.
+
+    Raises:
+        ValueError: the folder is not a synthetic-math run of generate_dpo_pairs.py.
+    """
+    settings_file, samples_file = folder / "generation.json", folder / "samples.jsonl"
+    if not settings_file.is_file() or not samples_file.is_file():
+        raise ValueError(f"--path {folder}: no generation.json and samples.jsonl; --source policy reads a folder "
+                         "written by generate_dpo_pairs.py --dataset-name synthetic-math")
+    settings = json.loads(settings_file.read_text())
+    if settings.get("dataset_name") != synthetic_math.DATASET_NAME:
+        raise ValueError(f"{settings_file}: samples of --dataset-name {settings.get('dataset_name')}; --source policy "
+                         f"needs {synthetic_math.DATASET_NAME}, whose computations are known")
+    levels = tuple(int(x) for x in str(settings["synthetic_levels"]).split(","))
+    with samples_file.open("rb") as lines:
+        records = list(_jsonl(lines, samples_file.name, report))
+    problems = synthetic_math.problems_by_id([r.get("question_id", "") for _, r in records], levels)
+    out = Collected()
+    for number, record in records:
+        problem = problems[record["question_id"]]
+        if record.get("question") != problem.question:
+            raise ValueError(f"{samples_file} row {number}: the question of {problem.id} is not synthetic-math's "
+                             f"with seed and levels {settings['seed']}, {settings['synthetic_levels']}")
+        out.carve_ids.add(problem.id)
+        out.correct.append({"question_id": problem.id, "question": problem.question,
+                            "solution": synthetic_math.correct_solution(problem)})
+        for sample, correct in zip(record["samples"], record["correct"], strict=True):
+            label = "Yes" if correct else "No"
+            try:
+                parsed = synthetic_math.parse_solution(sample)
+                if parsed is None:
+                    raise SkipRow("sample not in the solution format", repr(sample[-60:]))
+                rationale, _ = synthetic_math.verification_rationale(problem, parsed[0])
+                out.verify.append(verify_row(problem.id, problem.question, sample, rationale, label, "math-verify"))
+            except SkipRow as error:
+                report.skip(samples_file.name, number, error)
+    return out
+
+
 # ---- splits and output ---------------------------------------------------------------------------------
 
 def validation_ids(collected: Collected, val_fraction: float, seed: int) -> set[str]:
@@ -357,9 +406,11 @@ def print_summary(summary: dict, skipped_file: Path | None) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", choices=("genrm", "synthetic"), default="genrm",
-                        help="genrm: the genrm-critiques files under --path; synthetic: synthetic_math.py, offline.")
-    parser.add_argument("--path", help="A genrm-critiques `critiques` folder: zip batches, data_collection/, or both.")
+    parser.add_argument("--source", choices=("genrm", "synthetic", "policy"), default="genrm",
+                        help="genrm: the genrm-critiques files under --path; synthetic: synthetic_math.py, offline; "
+                             "policy: a policy's own samples of synthetic-math problems, from generate_dpo_pairs.py.")
+    parser.add_argument("--path", help="--source genrm: a genrm-critiques `critiques` folder (zip batches, "
+                                       "data_collection/, or both); --source policy: a generate_dpo_pairs.py folder.")
     parser.add_argument("--output-dir", help="Save the DatasetDict here (save_to_disk), with skipped.jsonl.")
     parser.add_argument("--repo", help="Push the DatasetDict to this private hub dataset repo (needs HF_TOKEN).")
     parser.add_argument("--num-problems", type=int, default=2000, help="Synthetic problems (half get a wrong solution).")
@@ -369,6 +420,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.source == "genrm" and args.path is None:
         parser.error("--source genrm needs --path, a clone of genrm-critiques' critiques folder")
+    if args.source == "policy" and args.path is None:
+        parser.error("--source policy needs --path, a folder written by generate_dpo_pairs.py")
     if args.output_dir is None and args.repo is None:
         parser.error("give --output-dir, --repo or both")
     if not 0 <= args.val_fraction < 1:
@@ -388,6 +441,8 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         if args.source == "synthetic":
             collected = read_synthetic(args.num_problems, args.seed)
+        elif args.source == "policy":
+            collected = read_policy_samples(Path(args.path), report)
         else:
             collected = read_genrm(Path(args.path), report)
     except (ValueError, OSError, zipfile.BadZipFile) as exc:

@@ -97,6 +97,9 @@ def test_parse_inputs_exact():
     ("Ok.\n\n  Verification:  \n Is the answer  correct\n(Yes/No)?\n\n  Yes  \n", "Yes", "Ok."),
     ("Ok.\n\n**Verification:** Is the answer correct? (Yes/No) **No**\n\n**Final Grade:** 2 of 5", "No", "Ok."),
     ("Ok.\n<b>Verification:</b> Is the answer correct? (Yes/No)? <b>Yes</b>", "Yes", "Ok."),
+    # Without "(Yes/No)" at all (86 rows of the release end in exactly this):
+    ("Ok.\n\n**Verification: Is the answer correct? Yes**", "Yes", "Ok."),
+    ("Ok.\n* Verification: Is the answer correct? **No**", "No", "Ok."),
     # The last verdict counts, the text before it is kept:
     ("Verification: Is the answer correct (Yes/No)? No\nOn second thought:\n"
      "Verification: Is the answer correct? (Yes/No) Yes", "Yes",
@@ -113,6 +116,7 @@ def test_parse_verdict_normalises_the_last_line(text, label, head):
     "Verification: Is the answer correct (Yes/No)?",
     "Verification: Is the answer correct (Yes/No)? Yes/No",
     "Verification: Is the answer correct? (Yes/No) Maybe",
+    "Verification: Is the answer correct? Maybe. Yes, I think so.",
     "Verification: Is the answer correct (Yes/No)? Yesterday it was.",
     "Is the answer correct (Yes/No)? Yes",
 ])
@@ -242,3 +246,66 @@ def test_path_without_either_layout_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         prep.main(["--path", str(tmp_path), "--output-dir", str(tmp_path / "out")])
     assert "has neither critiques_*_solutions_batch_*.zip batches nor a data_collection folder" in capsys.readouterr().err
+
+
+def _policy_folder(tmp_path, records: list[dict], dataset_name: str = "synthetic-math"):
+    """A generate_dpo_pairs.py output folder: its settings file and samples.jsonl (the layout sample_problems writes)."""
+    folder = tmp_path / "samples"
+    folder.mkdir(parents=True)
+    (folder / "generation.json").write_text(json.dumps(
+        {"model_name": "policy", "dataset_name": dataset_name, "split": "train", "samples_per_problem": 4,
+         "temperature": 0.8, "top_p": 0.95, "max_new_tokens": 128, "seed": 7, "synthetic_levels": "1,2"}))
+    (folder / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return folder
+
+
+def test_policy_samples_become_rationales_checked_against_the_known_computation(tmp_path):
+    """Two problems x four samples: a correct one (Yes), a one-slip one (No), one not in the solution format and one
+    with right steps but a wrong "####" line (rationale says Yes, math-verify says No): 2 Yes, 2 No, 4 skipped."""
+    import random
+
+    import datasets
+
+    import synthetic_math as sm
+
+    problems = sm.generate_problems(4, 7, (1, 2))[2:]  # ids synth-7-2 and synth-7-3: not the stream's first
+    records = []
+    for p in problems:
+        wrong, index = sm.wrong_solution(p, random.Random(0))
+        bad_answer = sm.solution_text(p.steps, p.answer + 1)
+        records.append({"question_id": p.id, "question": p.question, "reference": sm.correct_solution(p),
+                        "gold_answer": str(p.answer), "samples": [sm.correct_solution(p), wrong, "I think 12.", bad_answer],
+                        "answers": [str(p.answer), "x", "12", str(p.answer + 1)], "correct": [True, False, False, False]})
+    summary = prep.main(["--source", "policy", "--path", str(_policy_folder(tmp_path, records)),
+                         "--val-fraction", "0", "--output-dir", str(tmp_path / "out")])
+    assert summary["kept"]["verify_train"] == {"No": 2, "Yes": 2}
+    assert summary["kept"]["correct_train"] == {"rows": 2}
+    assert summary["skipped"] == {"sample not in the solution format": 2, "verdict disagrees with math-verify": 2}
+    assert [(s["row"], s["reason"]) for s in summary["skipped_rows"]] == [
+        (1, "sample not in the solution format"), (1, "verdict disagrees with math-verify"),
+        (2, "sample not in the solution format"), (2, "verdict disagrees with math-verify")]
+    data = datasets.load_from_disk(str(tmp_path / "out"))
+    first = data["verify_train"][0]
+    assert first["solution"] == sm.correct_solution(problems[0]) and first["label"] == "Yes"
+    # The generator's rationale, its verdict line normalised as every source's is (a blank line before it).
+    assert first["rationale"] == prep.parse_verdict(sm.verification_rationale(problems[0], problems[0].steps)[0])[0]
+    no = data["verify_train"][1]
+    _, index = sm.wrong_solution(problems[0], random.Random(0))
+    assert no["label"] == "No" and f"so step {index + 1} is wrong." in no["rationale"]
+    assert data["correct_train"]["solution"] == [sm.correct_solution(p) for p in problems]
+
+
+def test_policy_samples_of_another_dataset_or_stream_error_clearly(tmp_path, capsys):
+    record = {"question_id": "synth-7-0", "question": "Not the generator's question.", "samples": [], "correct": []}
+    with pytest.raises(SystemExit):
+        prep.main(["--source", "policy", "--path", str(_policy_folder(tmp_path, [record])), "--output-dir",
+                   str(tmp_path / "out")])
+    assert "samples.jsonl row 1: the question of synth-7-0 is not synthetic-math's with seed and levels 7, 1,2" \
+        in capsys.readouterr().err
+    folder = _policy_folder(tmp_path / "gsm", [record], dataset_name="gsm8k")
+    with pytest.raises(SystemExit):
+        prep.main(["--source", "policy", "--path", str(folder), "--output-dir", str(tmp_path / "out2")])
+    assert "samples of --dataset-name gsm8k; --source policy needs synthetic-math" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        prep.main(["--source", "policy", "--output-dir", str(tmp_path / "out3")])
+    assert "--source policy needs --path" in capsys.readouterr().err

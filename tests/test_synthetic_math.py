@@ -14,6 +14,8 @@ from synthetic_math import (
     correct_solution,
     generate_problem,
     generate_problems,
+    parse_solution,
+    problems_by_id,
     solution_text,
     to_row,
     verification_rationale,
@@ -198,3 +200,21 @@ def test_held_out_split_does_not_depend_on_the_training_size():
     assert big["test"]["question"] == small["test"]["question"]
     assert small["train"]["question"] == big["train"]["question"][:12]
     assert not set(big["test"]["question"]) & set(big["train"]["question"])
+
+
+def test_parse_solution_reads_back_solution_text_and_refuses_other_text(problems):
+    for p in problems:
+        steps, answer = parse_solution(correct_solution(p))
+        assert (tuple(steps), answer) == (p.steps, p.answer)
+    text = "Tom starts with 5 apples. Buying 3 more, Tom has 5 + 3 = 9.\n\n####  9"  # blank line, spaces tolerated
+    assert parse_solution(text) == ([Step("Tom starts with 5 apples. Buying 3 more, Tom has", 5, "+", 3, 9)], 9)
+    assert parse_solution("Tom has 8 apples.\n#### 8") is None  # a line without a computation
+    assert parse_solution("5 + 3 = 8.") is None  # no final answer line
+    assert parse_solution("5 + 3 = 8.\n#### eight") is None
+
+
+def test_problems_by_id_redraws_the_stream():
+    stream = generate_problems(6, 5, (1, 2))
+    assert problems_by_id(["synth-5-4", "synth-5-1"], (1, 2)) == {"synth-5-4": stream[4], "synth-5-1": stream[1]}
+    with pytest.raises(ValueError, match="'gsm-3' is not a synthetic-math problem id"):
+        problems_by_id(["gsm-3"], (1, 2))

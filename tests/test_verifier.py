@@ -262,16 +262,18 @@ def test_verifier_run_logs_both_losses_and_the_verifier_score(tiny_run_args):
 
     import train
 
-    cfg = _verifier_cfg(tiny_run_args, "--max-steps", "2", "--lambda", "0.5", "--val-verifier-rationales", "2", "--log-every-n-steps", "1",
-                        "--max-new-tokens", "8")
+    cfg = _verifier_cfg(tiny_run_args, "--max-steps", "2", "--lambda", "0.5", "--log-every-n-steps", "1",
+                        "--max-new-tokens", "8", "--verifier-k-min", "2", "--verifier-k-max", "4", "--verifier-tau", "0")
     results = train.run(cfg)
     after = results["after"]
     assert after["val/loss"] == pytest.approx(after["val/verify_loss"] + 0.5 * after["val/correct_loss"], abs=2e-4)
     assert {"val/verifier_accuracy", "val/verifier_auc", "val/verifier_score_yes", "val/verifier_score_no"} <= set(after)
+    # tau 0 never stops early: every solution takes both groups of 2, up to --verifier-k-max 4.
+    assert after["val/verifier_rationales"] == 4
     rows = list(csv.DictReader(open(next((cfg.run_dir / "csv").glob("*/metrics.csv")))))
     assert any(r.get("train/verify_loss") for r in rows) and any(r.get("train/correct_loss") for r in rows)
     generations = [json.loads(line) for line in (cfg.run_dir / "generations" / "step-2.jsonl").read_text().splitlines()]
-    assert len(generations) == 4 and all(len(g["rationales"]) == len(g["p_yes"]) == 2 for g in generations)  # --val-generate-samples 4
+    assert len(generations) == 4 and all(len(g["rationales"]) == len(g["p_yes"]) == 4 for g in generations)  # --val-generate-samples 4
     assert {g["label"] for g in generations} == {"Yes", "No"}
 
 
