@@ -321,9 +321,11 @@ def verification_rationale(problem: Problem, steps: Sequence[Step]) -> tuple[str
     """GenRM-CoT rationale checking `steps` against `problem`, stopping at the first wrong step.
 
     Each step is checked for the amount it starts from (the question's, or the previous step's
-    claimed result), the operation and operand the story calls for, and its arithmetic. Steps are
-    numbered from 1 in the text. The last line is "Verification: Is the answer correct (Yes/No)? Yes"
-    (or "No").
+    claimed result), the operation and operand the story calls for, and its arithmetic. The
+    arithmetic is recomputed before the solution's result is quoted ("5 + 3 = 8; the solution has
+    9"): a verifier that wrote the claimed result first would be checking a number it has just
+    copied. Steps are numbered from 1 in the text. The last line is "Verification: Is the answer
+    correct (Yes/No)? Yes" (or "No").
 
     Returns:
         The rationale and whether the solution is correct.
@@ -333,25 +335,43 @@ def verification_rationale(problem: Problem, steps: Sequence[Step]) -> tuple[str
     for i, (step, truth) in enumerate(zip(steps, problem.steps), start=1):
         a, op, b = step.a, step.op, step.b
         source = "the question" if i == 1 else f"step {i - 1}"
+        line = f"Step {i} computes {a} {op} {b}."
         if a != expected_a:
-            error = f"{source} gives {expected_a}, not {a}"
+            error = f"{line} But {source} gives {expected_a}, not {a}"
         elif (op, b) != (truth.op, truth.b):
-            error = f"the question calls for {a} {truth.op} {truth.b} here"
-        elif _evaluate(op, a, b) != step.result:
-            error = f"{a} {op} {b} = {_evaluate(op, a, b)}"
+            error = f"{line} But the question calls for {a} {truth.op} {truth.b} here"
         else:
-            error = None
-        line = f"Step {i}: {a} {op} {b} = {step.result}."
+            line += f" It uses {a} from {source}, as the question says. {a} {op} {b} = {_evaluate(op, a, b)}; " \
+                    f"the solution has {step.result}"
+            error = line if _evaluate(op, a, b) != step.result else None
         if error:
-            lines += [f"{line} But {error}, so step {i} is wrong.", _VERDICT + "No"]
+            lines += [f"{error}, so step {i} is wrong.", _VERDICT + "No"]
             return "\n".join(lines), False
-        lines.append(f"{line} It uses {a} from {source}, and {a} {op} {b} is indeed {step.result}.")
+        lines.append(f"{line}, which matches.")
         expected_a = step.result
     if len(steps) != len(problem.steps):
         lines += [f"But the solution has {len(steps)} steps where the question needs {len(problem.steps)}.",
                   _VERDICT + "No"]
         return "\n".join(lines), False
     return "\n".join([*lines, _VERDICT + "Yes"]), True
+
+
+def verification_candidates(n: int, seed: int, levels: tuple[int, ...] = (1, 2, 3)) -> list[tuple[Problem, tuple[Step, ...]]]:
+    """The first `n` problems of the stream, each with its own steps or a one-slip wrong computation (`wrong_steps`).
+
+    Within each level the problems are alternately right and wrong, so the label says nothing about the level.
+    (Alternating over the whole stream would not do: levels are cycled too, and with levels 1,2 every wrong
+    solution would be the two-step one, a cue a verifier learns instead of checking the steps.)
+    """
+    seen: dict[int, int] = {}
+    out = []
+    for problem in generate_problems(n, seed, levels):
+        count = seen[problem.level] = seen.get(problem.level, 0) + 1
+        steps = problem.steps
+        if count % 2 == 0:
+            steps, _ = wrong_steps(problem, random.Random(f"{seed}-{problem.id}"))
+        out.append((problem, tuple(steps)))
+    return out
 
 
 def to_row(problem: Problem) -> dict:

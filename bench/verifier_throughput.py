@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import sys
 import time
 from pathlib import Path
@@ -66,15 +65,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def candidates(n: int, seed: int, levels: str) -> list[tuple[str, str, bool]]:
-    """(question, solution, correct) of the first ``n`` held-out problems, alternately correct and wrong."""
+    """(question, solution, correct) of the first ``n`` held-out problems, right and wrong alternately within each
+    level (``synthetic_math.verification_candidates``)."""
     import synthetic_math
 
     out = []
-    for index, problem in enumerate(synthetic_math.generate_problems(n, seed, tuple(int(v) for v in levels.split(",")))):
-        steps = problem.steps
-        if index % 2:
-            steps, _ = synthetic_math.wrong_steps(problem, random.Random(f"{seed}-{problem.id}"))
-        out.append((problem.question, synthetic_math.solution_text(steps, steps[-1].result), index % 2 == 0))
+    for problem, steps in synthetic_math.verification_candidates(n, seed, tuple(int(v) for v in levels.split(","))):
+        out.append((problem.question, synthetic_math.solution_text(steps, steps[-1].result), steps == problem.steps))
     return out
 
 

@@ -272,16 +272,13 @@ def read_genrm(path: Path, report: Report) -> Collected:
 
 
 def read_synthetic(num_problems: int, seed: int, levels: tuple[int, ...] = (1, 2, 3), held_out: int = 0) -> Collected:
-    """Verification rows from `synthetic_math`: every other problem gets a wrong solution (one slip, see
-    `wrong_steps`), and its rationale checks the solution step by step against the known computation.
+    """Verification rows from `synthetic_math`: within each level every other problem gets a wrong solution (one
+    slip, see `synthetic_math.verification_candidates`), and its rationale checks the solution step by step against the known computation.
 
     The first `held_out` problems are fixed to validation (the held-out problems of `synthetic_math.build_dataset`
     with the same seed and levels, so SFT, DPO and the verifier never train on them); the others are carved."""
     out = Collected()
-    for index, problem in enumerate(synthetic_math.generate_problems(num_problems, seed, levels)):
-        steps = problem.steps
-        if index % 2:
-            steps, _ = synthetic_math.wrong_steps(problem, random.Random(f"{seed}-{problem.id}"))
+    for index, (problem, steps) in enumerate(synthetic_math.verification_candidates(num_problems, seed, levels)):
         solution = synthetic_math.solution_text(steps, steps[-1].result)
         rationale, is_correct = synthetic_math.verification_rationale(problem, steps)
         out.verify.append(verify_row(problem.id, problem.question, solution, rationale,

@@ -207,8 +207,11 @@ def test_synthetic_labels_match_is_correct_and_balance(tmp_path):
 
     data = datasets.load_from_disk(str(tmp_path / "s"))
     rows = list(data["verify_train"]) + list(data["verify_validation"])
-    assert sum(r["label"] == "Yes" for r in rows) == sum(r["label"] == "No" for r in rows) == 20
     problems = {p.id: p for p in synthetic_math.generate_problems(40, seed=0)}
+    # Levels 1, 2, 3 cycle: 14, 13 and 13 problems, right and wrong alternating within each (7/7, 7/6, 7/6).
+    by_level = {level: [r["label"] for r in rows if problems[r["question_id"]].level == level] for level in (1, 2, 3)}
+    assert {level: (labels.count("Yes"), labels.count("No")) for level, labels in by_level.items()} == {
+        1: (7, 7), 2: (7, 6), 3: (7, 6)}
     for row in rows:
         problem = problems[row["question_id"]]
         assert row["label"] == ("Yes" if row["solution"] == synthetic_math.correct_solution(problem) else "No")

@@ -18,6 +18,7 @@ from synthetic_math import (
     problems_by_id,
     solution_text,
     to_row,
+    verification_candidates,
     verification_rationale,
     wrong_solution,
     wrong_steps,
@@ -143,7 +144,7 @@ def test_verification_rationale_correct_and_wrong(problems):
         lines = rationale.splitlines()
         assert lines[-1] == "Verification: Is the answer correct (Yes/No)? No"
         # It stops at the wrong step (1-based in the text) and names it.
-        assert lines[-2].startswith(f"Step {index + 1}:") and f"step {index + 1} is wrong" in lines[-2]
+        assert lines[-2].startswith(f"Step {index + 1} computes ") and f"step {index + 1} is wrong" in lines[-2]
 
 
 def test_verification_rationale_hand_built_cases():
@@ -151,25 +152,43 @@ def test_verification_rationale_hand_built_cases():
     rationale, ok = verification_rationale(problem, problem.steps)
     assert ok
     assert rationale == ("Let's verify step by step.\n"
-                         "Step 1: 5 + 3 = 8. It uses 5 from the question, and 5 + 3 is indeed 8.\n"
-                         "Step 2: 8 * 4 = 32. It uses 8 from step 1, and 8 * 4 is indeed 32.\n"
+                         "Step 1 computes 5 + 3. It uses 5 from the question, as the question says. "
+                         "5 + 3 = 8; the solution has 8, which matches.\n"
+                         "Step 2 computes 8 * 4. It uses 8 from step 1, as the question says. "
+                         "8 * 4 = 32; the solution has 32, which matches.\n"
                          "Verification: Is the answer correct (Yes/No)? Yes")
     slip = (replace(problem.steps[0], result=9), replace(problem.steps[1], a=9, result=36))
     rationale, ok = verification_rationale(problem, slip)
     assert not ok
-    assert rationale.splitlines()[1:] == ["Step 1: 5 + 3 = 9. But 5 + 3 = 8, so step 1 is wrong.",
+    # The right result comes first, then the solution's: the verdict compares two numbers already written.
+    assert rationale.splitlines()[1:] == ["Step 1 computes 5 + 3. It uses 5 from the question, as the question says. "
+                                          "5 + 3 = 8; the solution has 9, so step 1 is wrong.",
                                           "Verification: Is the answer correct (Yes/No)? No"]
     # Arithmetic right, but it does not use step 1's result: the chain check catches it.
     unchained = (problem.steps[0], replace(problem.steps[1], a=7, result=28))
     rationale, ok = verification_rationale(problem, unchained)
-    assert not ok and "Step 2: 7 * 4 = 28. But step 1 gives 8, not 7, so step 2 is wrong." in rationale
+    assert not ok and "Step 2 computes 7 * 4. But step 1 gives 8, not 7, so step 2 is wrong." in rationale
     # Arithmetic right, but the wrong operation for the story.
     wrong_op = (replace(problem.steps[0], op="*", result=15), replace(problem.steps[1], a=15, result=60))
     rationale, ok = verification_rationale(problem, wrong_op)
-    assert not ok and "But the question calls for 5 + 3 here, so step 1 is wrong." in rationale
+    assert not ok and "Step 1 computes 5 * 3. But the question calls for 5 + 3 here, so step 1 is wrong." in rationale
     # Missing the last step.
     rationale, ok = verification_rationale(problem, problem.steps[:1])
     assert not ok and rationale.endswith("No")
+
+
+@pytest.mark.parametrize("levels", [(1, 2), (1, 2, 3), (2,)])
+def test_verification_candidates_balance_labels_within_each_level(levels):
+    """With levels cycled over the stream, alternating right/wrong over the stream made every wrong solution of
+    levels 1,2 a two-step one: the label must not be readable from the level (the number of steps)."""
+    pairs = verification_candidates(48, seed=5, levels=levels)
+    assert [p.id for p, _ in pairs] == [p.id for p in generate_problems(48, 5, levels)]
+    for level in levels:
+        labels = [verification_rationale(p, steps)[1] for p, steps in pairs if p.level == level]
+        assert labels == [True, False] * (len(labels) // 2)
+    for problem, steps in pairs:
+        if steps != problem.steps:  # the one-slip computation, with a final answer that differs
+            assert steps == wrong_steps(problem, random.Random(f"5-{problem.id}"))[0] and steps[-1].result != problem.answer
 
 
 def test_to_row_and_build_dataset():
