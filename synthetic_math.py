@@ -341,9 +341,10 @@ def verification_rationale(problem: Problem, steps: Sequence[Step]) -> tuple[str
         elif (op, b) != (truth.op, truth.b):
             error = f"{line} But the question calls for {a} {truth.op} {truth.b} here"
         else:
-            line += f" It uses {a} from {source}, as the question says. {a} {op} {b} = {_evaluate(op, a, b)}; " \
+            right = _evaluate(op, a, b)
+            line += f" It uses {a} from {source}, as the question says. {a} {op} {b} = {right}; " \
                     f"the solution has {step.result}"
-            error = line if _evaluate(op, a, b) != step.result else None
+            error = line if right != step.result else None
         if error:
             lines += [f"{error}, so step {i} is wrong.", _VERDICT + "No"]
             return "\n".join(lines), False
@@ -370,7 +371,7 @@ def verification_candidates(n: int, seed: int, levels: tuple[int, ...] = (1, 2, 
         steps = problem.steps
         if count % 2 == 0:
             steps, _ = wrong_steps(problem, random.Random(f"{seed}-{problem.id}"))
-        out.append((problem, tuple(steps)))
+        out.append((problem, steps))
     return out
 
 

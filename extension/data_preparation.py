@@ -273,7 +273,8 @@ def read_genrm(path: Path, report: Report) -> Collected:
 
 def read_synthetic(num_problems: int, seed: int, levels: tuple[int, ...] = (1, 2, 3), held_out: int = 0) -> Collected:
     """Verification rows from `synthetic_math`: within each level every other problem gets a wrong solution (one
-    slip, see `synthetic_math.verification_candidates`), and its rationale checks the solution step by step against the known computation.
+    slip, see `synthetic_math.verification_candidates`), and its rationale checks the solution step by step against
+    the known computation.
 
     The first `held_out` problems are fixed to validation (the held-out problems of `synthetic_math.build_dataset`
     with the same seed and levels, so SFT, DPO and the verifier never train on them); the others are carved."""
