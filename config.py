@@ -28,6 +28,7 @@ TRAINING_TYPES = ("sft", "dpo", "bt", "sft_verifier")
 # Training types whose issue has landed; the rest parse and then fail clearly.
 PRECISIONS = ("32", "bf16-mixed", "bf16-true", "transformer-engine", "transformer-engine-float16")
 STRATEGIES = ("auto", "ddp", "fsdp", "deepspeed")
+FP8_RECIPES = ("delayed", "current")
 # Environment variables that may hold secrets; their values are never printed or saved.
 SECRET_ENV_VARS = (
     "HF_TOKEN",
@@ -111,6 +112,10 @@ class TrainConfig:
     fp8_format: str = _f(
         "HYBRID", "Transformer Engine FP8 format: HYBRID (E4M3 forward, E5M2 gradients) or E4M3 throughout.",
         choices=("HYBRID", "E4M3"))
+    fp8_recipe: str = _f(
+        "delayed", "Transformer Engine scaling: delayed (each scale from past steps' maxima, no extra pass; TE's default "
+        "on Hopper) or current (from the tensor being cast; tracks bf16 more closely while the loss falls fast).",
+        choices=FP8_RECIPES)
     fp8_amax_history_len: int = _f(
         16, "Transformer Engine delayed scaling: each FP8 scale comes from the largest |value| of this many past steps.")
     fp8_margin: int = _f(0, "Transformer Engine delayed scaling: keep 2**margin of headroom below the FP8 maximum.")
@@ -155,7 +160,9 @@ class TrainConfig:
     roundoff: int = _f(4, "Round logged and printed metric values to this many decimals.")
     verbose: bool = _f(True, "Progress bars and per-step printing; --no-verbose keeps only summaries.")
     # Hardware and Ray.
-    use_gpu: bool = _f(False, "Train on CUDA GPUs (implied by --accelerator-type and the transformer-engine precisions).")
+    use_gpu: bool | None = _f(
+        None, "Train on CUDA GPUs. Unset: a local run uses them when PyTorch sees one, a Ray job's workers only with "
+        "this flag (implied by --accelerator-type, the transformer-engine precisions and --strategy deepspeed).")
     use_ray: bool = _f(False, "Run as a Ray Train job (on the cluster of RAY_ADDRESS or `ray job submit`, else a local Ray).")
     num_workers: int = _f(
         1, "Training processes, one per GPU with --use-gpu: Ray workers with --use-ray, else processes on this machine.")
@@ -356,8 +363,9 @@ def distribution_problems(cfg: TrainConfig) -> list[str]:
          f"--precision {cfg.precision} with --strategy {cfg.strategy}: Lightning's Transformer Engine plugin works with "
          "--strategy ddp (or auto) only, since FSDP and DeepSpeed bring their own precision plugins; use --strategy ddp, "
          "or --precision bf16-mixed with FSDP/DeepSpeed")
-    need(not fp8 or cfg.use_gpu, f"--precision {cfg.precision} runs FP8 on NVIDIA GPUs (H100/Ada): add --use-gpu")
-    need(cfg.strategy != "deepspeed" or cfg.use_gpu, "--strategy deepspeed needs GPUs (add --use-gpu); on CPU use ddp or fsdp")
+    need(not fp8 or cfg.use_gpu, f"--precision {cfg.precision} runs FP8 on NVIDIA GPUs (H100/Ada): drop --no-use-gpu")
+    need(cfg.strategy != "deepspeed" or cfg.use_gpu, "--strategy deepspeed needs GPUs (drop --no-use-gpu); on CPU use ddp "
+         "or fsdp")
     need(cfg.max_failures >= -1, f"--max-failures must be -1 (always restart) or more, got {cfg.max_failures}")
     need(cfg.max_failures == 0 or cfg.use_ray, "--max-failures restarts Ray workers after a failure: add --use-ray")
     need(cfg.accelerator_type is None or cfg.use_ray, "--accelerator-type picks Ray workers' GPUs: add --use-ray")
@@ -379,8 +387,9 @@ def hardware_problems(cfg: TrainConfig) -> list[str]:
     problems = []
     where = "this Ray worker" if cfg.use_ray else "this machine"
     if cfg.use_gpu and not torch.cuda.is_available():
-        problems.append(f"--use-gpu (or --accelerator-type / a transformer-engine precision) needs CUDA, and PyTorch "
-                        f"sees no CUDA device on {where}")
+        problems.append(f"--use-gpu (or --accelerator-type / a transformer-engine precision / --strategy deepspeed) needs "
+                        f"CUDA, and PyTorch sees no CUDA device on {where}" + ("; on CPU use --strategy ddp or fsdp"
+                                                                               if cfg.strategy == "deepspeed" else ""))
     if cfg.precision.startswith("transformer-engine") and importlib.util.find_spec("transformer_engine") is None:
         problems.append(f"--precision {cfg.precision} needs NVIDIA Transformer Engine, not installed on {where}: "
                         "pip install -r requirements-gpu.txt (or --precision bf16-mixed)")
@@ -402,8 +411,13 @@ def resolve(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namesp
     if cfg.num_workers > 1 and not cfg.use_ray and cfg.name is None:
         problems.append("--num-workers above 1 without --use-ray starts that many processes here, which must share one "
                         "run folder: give --name")
-    if cfg.accelerator_type or cfg.precision.startswith("transformer-engine"):
-        cfg.use_gpu = True  # GPU accelerator types and FP8 exist only on GPUs (our users' commands omit --use-gpu)
+    gpu_only = cfg.accelerator_type or cfg.precision.startswith("transformer-engine") or cfg.strategy == "deepspeed"
+    if gpu_only and cfg.use_gpu is None:
+        cfg.use_gpu = True  # GPU accelerator types, FP8 and DeepSpeed exist only on GPUs (our users' commands omit --use-gpu)
+    elif cfg.use_gpu is None:  # a local run takes this machine's GPU; a Ray driver's own hardware says nothing of its workers
+        import torch
+
+        cfg.use_gpu = not cfg.use_ray and torch.cuda.is_available()
     if cfg.name is None:
         cfg.name = f"{cfg.training_type}-{time.strftime('%Y%m%d-%H%M%S')}"
     problems += validate(cfg)

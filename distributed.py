@@ -54,7 +54,9 @@ def lightning_strategy(cfg: TrainConfig, model, on_ray: bool):
         kwargs = {"auto_wrap_policy": layer_classes(model) or None, "state_dict_type": cfg.state_dict_type,
                   "sharding_strategy": "FULL_SHARD", "use_orig_params": True}
     elif name == "deepspeed":
-        kwargs = {"stage": cfg.zero_stage}
+        # logging_batch_size_per_gpu: DeepSpeed's train_micro_batch_size_per_gpu, which Lightning otherwise reads off
+        # the loader's batch_sampler (ours batches in its sampler, so that is None and the setup fails).
+        kwargs = {"stage": cfg.zero_stage, "logging_batch_size_per_gpu": cfg.batch_size}
     return classes[name](**kwargs)
 
 

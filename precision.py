@@ -14,8 +14,11 @@ the loss directly, and in tied models it shares its weight with the input embedd
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -56,11 +59,47 @@ def fp8_plan(model: torch.nn.Module) -> Fp8Plan:
     return plan
 
 
-def te_recipe(fp8_format: str = "HYBRID", amax_history_len: int = 16, margin: int = 0):
-    """Transformer Engine's delayed-scaling recipe: the scale of each tensor comes from the maximum of its last
-    ``amax_history_len`` absolute maxima, with ``2**margin`` of headroom."""
-    from transformer_engine.common.recipe import DelayedScaling, Format
+def import_te():
+    """``transformer_engine.pytorch``, loading the cuDNN that PyTorch uses.
 
+    Transformer Engine looks for cuDNN in $CUDNN_HOME / $CUDNN_PATH / the CUDA toolkit before the ``nvidia-cudnn``
+    wheel that PyTorch loads, and its library resolves the cuDNN sub-libraries by name. On a machine with both
+    (NVIDIA's images often have a system cuDNN), once PyTorch has loaded its ``libcudnn_graph`` the import then
+    picks the system's ``libcudnn_cnn`` of another version and fails with an undefined symbol. Unless $CUDNN_HOME
+    or $CUDNN_PATH says otherwise, every library of PyTorch's cuDNN wheel is loaded first, so the names resolve to
+    those."""
+    if not (os.environ.get("CUDNN_HOME") or os.environ.get("CUDNN_PATH")):
+        try:
+            import nvidia.cudnn
+
+            libraries = sorted(Path(next(iter(nvidia.cudnn.__path__))).glob("lib/libcudnn*.so.*[0-9]"))
+        except (ImportError, StopIteration):
+            libraries = []
+        for library in libraries:
+            ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)
+        if libraries:
+            os.environ["CUDNN_HOME"] = str(libraries[0].parent.parent)
+    import transformer_engine.pytorch as te
+
+    return te
+
+
+def te_recipe(fp8_format: str = "HYBRID", amax_history_len: int = 16, margin: int = 0, scaling: str = "delayed"):
+    """Transformer Engine's FP8 recipe.
+
+    * ``delayed``: the scale of each tensor comes from the maximum of its last ``amax_history_len`` absolute maxima,
+      with ``2**margin`` of headroom. No extra pass over the tensor, but the scale trails the tensor: on an H100 a
+      small Llama learning a copy task trailed bf16 by up to one 25-step window while its loss collapsed (with a
+      history of 1 too), and matched it before and after (docs/benchmarks.md).
+    * ``current``: the scale comes from the tensor itself (one more reduction per cast); it tracked bf16 step for
+      step in the same run. ``amax_history_len`` and ``margin`` do not apply."""
+    import_te()
+    from transformer_engine.common.recipe import DelayedScaling, Float8CurrentScaling, Format
+
+    if scaling == "current":
+        return Float8CurrentScaling(fp8_format=getattr(Format, fp8_format))
+    if scaling != "delayed":
+        raise ValueError(f"unknown FP8 scaling {scaling!r}; choose delayed or current")
     return DelayedScaling(fp8_format=getattr(Format, fp8_format), amax_history_len=amax_history_len,
                           amax_compute_algo="max", margin=margin)
 
@@ -82,8 +121,7 @@ def convert_to_fp8(model: torch.nn.Module, backend: str) -> Fp8Plan:
         convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name("tensorwise"),
                                    module_filter_fn=lambda module, fqn: fqn in chosen)
     else:
-        import transformer_engine.pytorch as te
-
+        te = import_te()
         for name in plan.convert:
             old = model.get_submodule(name)
             new = te.Linear(old.in_features, old.out_features, bias=old.bias is not None,
@@ -98,24 +136,27 @@ def convert_to_fp8(model: torch.nn.Module, backend: str) -> Fp8Plan:
 
 
 def fp8_context(backend: str | None, recipe=None) -> contextlib.AbstractContextManager:
-    """The context the forward pass runs in: ``te.fp8_autocast`` for Transformer Engine, nothing otherwise
-    (torchao's float8 layers scale and cast by themselves)."""
+    """The context the forward pass runs in: ``te.autocast`` (``te.fp8_autocast`` before TE 2.8) for Transformer
+    Engine, nothing otherwise (torchao's float8 layers scale and cast by themselves)."""
     if backend == "te":
-        import transformer_engine.pytorch as te
-
-        return te.fp8_autocast(enabled=True, fp8_recipe=recipe if recipe is not None else te_recipe())
+        te = import_te()
+        recipe = recipe if recipe is not None else te_recipe()
+        if hasattr(te, "autocast"):  # Transformer Engine 2.8+ (fp8_autocast is deprecated there)
+            return te.autocast(enabled=True, recipe=recipe)
+        return te.fp8_autocast(enabled=True, fp8_recipe=recipe)
     return contextlib.nullcontext()
 
 
 def lightning_plugin(cfg):
     """Lightning's Transformer Engine precision plugin for ``--precision transformer-engine[-float16]`` with the
-    recipe of --fp8-format, --fp8-amax-history-len and --fp8-margin, or None for Lightning's own precisions. The
-    layers are converted beforehand by ``convert_to_fp8(model, "te")`` (which reports what stays in high precision),
-    so the plugin does not replace layers itself."""
+    recipe of --fp8-recipe, --fp8-format, --fp8-amax-history-len and --fp8-margin, or None for Lightning's own
+    precisions. The layers are converted beforehand by ``convert_to_fp8(model, "te")`` (which reports what stays in
+    high precision), so the plugin does not replace layers itself."""
     if not cfg.precision.startswith("transformer-engine"):
         return None
     from pytorch_lightning.plugins.precision import TransformerEnginePrecision
 
     dtype = torch.bfloat16 if cfg.precision == "transformer-engine" else torch.float16
     return TransformerEnginePrecision(weights_dtype=dtype, replace_layers=False,
-                                      recipe=te_recipe(cfg.fp8_format, cfg.fp8_amax_history_len, cfg.fp8_margin))
+                                      recipe=te_recipe(cfg.fp8_format, cfg.fp8_amax_history_len, cfg.fp8_margin,
+                                                      cfg.fp8_recipe))

@@ -13,7 +13,8 @@ training (the trainer's ``--precompute-ref-logps`` path), so a DPO step costs wh
 tokens costs plus the pair bookkeeping. FP8 converts every decoder linear layer (``precision.convert_to_fp8``;
 the output head stays bf16) with Transformer Engine when it is installed, else torchao's float8 (tensorwise
 dynamic scaling). ``--compile`` compiles each decoder layer with ``torch.compile`` (one graph shared by all
-24 layers); torchao's float8 needs it to fuse its casts.
+24 layers); torchao's float8 needs it to fuse its casts. ``--compile-head`` compiles the output head and its
+log-softmax (``losses.logprobs.head_logprobs``), so the float32 copy of the 151,936-wide logits is never written.
 
 MFU = model FLOPs per second / the GPU's dense bf16 peak (989.4 TFLOP/s for H100 SXM and H200; FP8 rows are
 also measured against the bf16 peak, so they compare directly). Model FLOPs per step, recomputation not
@@ -21,7 +22,7 @@ counted: 6 x (decoder linear parameters) x tokens + 6 x (head parameters) x answ
 attention 6 x T^2 x (heads x head dim) per layer per sequence (half of the full T x T products).
 
 Run (needs a CUDA GPU; about 5 minutes on one H100 with --compile):
-    python bench/gpu_throughput.py --compile --out runs/bench/gpu_throughput.json
+    python bench/gpu_throughput.py --compile --compile-head --out runs/bench/gpu_throughput.json
 Each configuration's row is written to --out as soon as it is measured, so an interrupted run keeps what it
 measured; a configuration that runs out of memory is recorded as such and the others go on.
 """
@@ -45,9 +46,9 @@ for var, value in (("HF_HUB_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false"))
 import torch  # noqa: E402
 
 from losses.dpo import dpo_loss, sequence_logps  # noqa: E402
-from losses.logprobs import IGNORE_INDEX, token_logprobs  # noqa: E402
+from losses.logprobs import IGNORE_INDEX, head_logprobs, token_logprobs  # noqa: E402
 from losses.sft import sft_loss  # noqa: E402
-from precision import convert_to_fp8, fp8_context, te_recipe  # noqa: E402
+from precision import convert_to_fp8, fp8_context, import_te, te_recipe  # noqa: E402
 
 # Qwen/Qwen2.5-0.5B's config.json (the fields that shape compute).
 QWEN25_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
@@ -71,7 +72,7 @@ def fp8_backend(requested: str) -> str:
     candidates = ("te", "torchao") if requested == "auto" else (requested,)
     for backend in candidates:
         try:
-            __import__("transformer_engine.pytorch" if backend == "te" else "torchao.float8")
+            import_te() if backend == "te" else __import__("torchao.float8")
             return backend
         except ImportError as error:
             missing = error
@@ -125,9 +126,9 @@ def make_batch(kind: str, batch: int, seq: int, vocab: int) -> dict[str, torch.T
     return {"input_ids": ids, "labels": labels}
 
 
-def loss_of(kind: str, model, batch: dict, context, reference: torch.Tensor | None) -> torch.Tensor:
+def loss_of(kind: str, model, batch: dict, context, reference: torch.Tensor | None, head_fn=head_logprobs) -> torch.Tensor:
     with context():
-        logps, mask = token_logprobs(model, batch["input_ids"], None, batch["labels"])
+        logps, mask = token_logprobs(model, batch["input_ids"], None, batch["labels"], head_fn=head_fn)
     if kind == "sft":
         return sft_loss(logps, mask)[0]
     pairs = logps.shape[0] // 2
@@ -139,7 +140,7 @@ def measure(args: argparse.Namespace, kind: str, precision: str, seq: int, micro
             backend: str) -> dict[str, Any]:
     row: dict[str, Any] = {"kind": kind, "precision": precision if precision == "bf16" else f"fp8 ({backend})",
                            "seq_len": seq, "micro_batch": micro_batch, "checkpointing": checkpointing,
-                           "compiled": args.compile}
+                           "compiled": args.compile, "compiled_head": args.compile_head}
     model = optimizer = None
     try:
         model, plan = build(args, precision, checkpointing, backend)
@@ -150,6 +151,7 @@ def measure(args: argparse.Namespace, kind: str, precision: str, seq: int, micro
         fp8 = backend if precision == "fp8" else None
         context = lambda: fp8_context(fp8, recipe)  # noqa: E731  (a fresh context manager per forward)
         batch = make_batch(kind, micro_batch, seq, model.config.vocab_size)
+        head_fn = torch.compile(head_logprobs, dynamic=False) if args.compile_head else head_logprobs
         reference = None
         if kind == "dpo":  # precomputed once, as --precompute-ref-logps does
             with torch.no_grad():
@@ -162,7 +164,7 @@ def measure(args: argparse.Namespace, kind: str, precision: str, seq: int, micro
             if step == args.warmup:
                 torch.cuda.synchronize()
                 started = time.perf_counter()
-            loss = loss_of(kind, model, batch, context, reference)
+            loss = loss_of(kind, model, batch, context, reference, head_fn)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -271,6 +273,11 @@ def configurations(args: argparse.Namespace) -> list[tuple[str, str, int, int, b
     return rows
 
 
+def compiled_label(row: dict[str, Any]) -> str:
+    parts = [name for name, on in (("layers", row["compiled"]), ("head", row.get("compiled_head"))) if on]
+    return "+".join(parts) or "no"
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     lines = ["| step | precision | seq | micro-batch | act. ckpt | compiled | tokens/s | MFU | peak GiB |",
              "|---|---|---:|---:|---|---|---:|---:|---:|"]
@@ -281,7 +288,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
             result = f"{r['tokens_per_s']:,} | {mfu} | {r['peak_memory_gib']}"
         lines.append(f"| {r['kind']} | {r['precision']} | {r['seq_len']} | {r['micro_batch']} | "
-                     f"{'on' if r['checkpointing'] else 'off'} | {'yes' if r['compiled'] else 'no'} | {result} |")
+                     f"{'on' if r['checkpointing'] else 'off'} | {compiled_label(r)} | {result} |")
     return "\n".join(lines)
 
 
@@ -301,6 +308,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--micro-batches", type=csv(int), default=None, help="Sequences per micro-batch (overrides --tokens-per-step).")
     parser.add_argument("--fp8-backend", choices=("auto", "te", "torchao"), default="auto")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile each decoder layer.")
+    parser.add_argument("--compile-head", action=argparse.BooleanOptionalAction, default=False,
+                        help="torch.compile the output head and its log-softmax as one graph (losses.logprobs.head_logprobs).")
     parser.add_argument("--warmup", type=int, default=3, help="Steps before the clock starts (compilation, allocator).")
     parser.add_argument("--steps", type=int, default=10, help="Timed steps.")
     parser.add_argument("--gemms", action="store_true", help="Measure each linear layer shape alone (bf16 vs FP8) instead of steps.")
@@ -321,7 +330,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     backend = fp8_backend(args.fp8_backend) if "fp8" in args.precisions else None
-    if args.compile:
+    if args.compile or args.compile_head:
         from torch._dynamo import config as dynamo
 
         dynamo.cache_size_limit = 64  # one graph per shape and precision; the layers share them

@@ -39,12 +39,20 @@ def shift_labels(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return targets.masked_fill(~mask, 0), mask
 
 
+def head_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) from hidden states (N, H) through the output head: the vocabulary projection and its
+    log-softmax, the step's largest tensors. A function of its own so that it can be compiled as one graph
+    (``torch.compile`` then fuses the float32 upcast and the log-softmax into the reads of the logits)."""
+    return gather_logprobs(head(hidden), targets)
+
+
 def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                   labels: torch.Tensor, head_fn=head_logprobs) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log p(label | prefix) of a causal LM, computing the vocabulary projection only where labels are.
 
     The output head is the largest matrix of a small model (49k x 576 for SmolLM2); skipping it on
-    prompt and padding positions saves memory and time without changing any value.
+    prompt and padding positions saves memory and time without changing any value. ``head_fn`` computes
+    the log-probabilities of the selected positions (``head_logprobs`` or a compiled version of it).
 
     Returns:
         logps (B, T-1), 0 where masked; mask (B, T-1) bool.
@@ -57,5 +65,5 @@ def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
     hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
     selected = hidden[:, :-1][mask]  # (N, H), N = answer tokens
     logps = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
-    logps[mask] = gather_logprobs(head(selected), targets[mask])
+    logps[mask] = head_fn(head, selected, targets[mask])
     return logps, mask

@@ -66,7 +66,8 @@ def test_users_ray_command_lines_are_accepted_as_is(command):
     assert cfg.storage_dir == "s3://rl-sf/SFT-verifier-final" and cfg.lambda_ == 0.01
     assert cfg.run_dir.name == "SFT-verifier-final" and not str(cfg.run_dir).startswith("s3:")  # a local scratch folder
     on_worker = config.hardware_problems(cfg)  # what a worker without a GPU says, before any model loads
-    assert on_worker[0].startswith("--use-gpu (or --accelerator-type / a transformer-engine precision) needs CUDA")
+    assert on_worker[0].startswith("--use-gpu (or --accelerator-type / a transformer-engine precision / --strategy "
+                                   "deepspeed) needs CUDA")
     assert "this Ray worker" in on_worker[0]
 
 
@@ -76,10 +77,9 @@ def refusals(strategy: str, precision: str, where: str) -> list[str]:
     a Ray driver does not check them (its workers do)."""
     fp8, sharded = precision.startswith("transformer-engine"), strategy in ("fsdp", "deepspeed")
     said = ["works with --strategy ddp (or auto) only"] if fp8 and sharded else []
-    if strategy == "deepspeed" and not fp8:
-        said.append("--strategy deepspeed needs GPUs")
     if where == "local":
-        said += ["needs CUDA", "needs NVIDIA Transformer Engine"] if fp8 else []
+        said += ["needs CUDA"] if fp8 or strategy == "deepspeed" else []
+        said += ["needs NVIDIA Transformer Engine"] if fp8 else []
         said += ["--strategy deepspeed needs DeepSpeed"] if strategy == "deepspeed" else []
     return said
 
@@ -92,7 +92,7 @@ def test_every_strategy_and_precision_combination(strategy, precision, where):
     expected = refusals(strategy, precision, where)
     if not expected:
         cfg, _ = resolve(flags)
-        assert cfg.use_gpu == precision.startswith("transformer-engine")
+        assert cfg.use_gpu == (precision.startswith("transformer-engine") or strategy == "deepspeed")
         return
     with pytest.raises(ConfigError) as err:
         resolve(flags)
@@ -114,8 +114,8 @@ def test_distribution_contradictions_are_reported_together():
         "--storage-path s3://bucket/runs: object stores are written by Ray jobs; add --use-ray, or train to a local "
         "folder and copy it up",
         "--resume-from-checkpoint /nowhere.ckpt: no such file or folder",
-        "--use-gpu (or --accelerator-type / a transformer-engine precision) needs CUDA, and PyTorch sees no CUDA device "
-        "on this machine",
+        "--use-gpu (or --accelerator-type / a transformer-engine precision / --strategy deepspeed) needs CUDA, and "
+        "PyTorch sees no CUDA device on this machine",
     ]
 
 
@@ -181,3 +181,36 @@ def test_every_example_config_parses_and_names_its_command(path):
     first_lines = path.read_text().splitlines()[:3]
     assert any(line.startswith("#") and f"--config configs/{path.name}" in line for line in first_lines)
     resolve(["--config", str(path)])
+
+
+@pytest.mark.parametrize("flags,cuda,expected", [
+    ([], True, True),  # a local run takes the machine's GPU
+    ([], False, False),
+    (["--no-use-gpu"], True, False),
+    (["--use-ray"], True, False),  # a Ray driver's GPU says nothing of the workers'
+    (["--use-ray", "--use-gpu"], False, True),  # the workers check their own hardware
+])
+def test_use_gpu_defaults_to_the_machines_gpu_locally(monkeypatch, flags, cuda, expected):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    cfg, _ = resolve(flags + ["--name", "x"])
+    assert cfg.use_gpu is expected
+
+
+def test_fp8_and_deepspeed_refuse_an_explicit_no_use_gpu():
+    with pytest.raises(ConfigError) as err:
+        resolve(["--precision", "transformer-engine", "--no-use-gpu", "--name", "x"])
+    assert err.value.problems[0] == ("--precision transformer-engine runs FP8 on NVIDIA GPUs (H100/Ada): drop "
+                                     "--no-use-gpu")
+    with pytest.raises(ConfigError) as err:
+        resolve(["--strategy", "deepspeed", "--no-use-gpu", "--name", "x"])
+    assert err.value.problems[0] == "--strategy deepspeed needs GPUs (drop --no-use-gpu); on CPU use ddp or fsdp"
+
+
+def test_fp8_recipe_is_a_choice(capsys):
+    cfg, _ = resolve(["--fp8-recipe", "current", "--name", "x"])
+    assert cfg.fp8_recipe == "current"
+    with pytest.raises(SystemExit):
+        resolve(["--fp8-recipe", "dynamic", "--name", "x"])
+    assert "--fp8-recipe: invalid choice: 'dynamic'" in capsys.readouterr().err

@@ -10,7 +10,7 @@ import torch
 
 from losses.logprobs import IGNORE_INDEX, token_logprobs
 from losses.sft import sft_loss
-from precision import FP8_BACKENDS, convert_to_fp8, fp8_context
+from precision import convert_to_fp8, fp8_context, te_recipe
 
 pytestmark = pytest.mark.gpu
 
@@ -19,9 +19,9 @@ BACKEND_MODULES = {"te": "transformer_engine", "torchao": "torchao"}
 STEPS, WINDOW = 300, 25
 
 
-def copy_task_curve(backend: str | None, steps: int = STEPS) -> list[float]:
-    """SFT losses of a 4-layer Llama learning to copy a random 64-token prefix, bf16 weights, FP8 if ``backend``.
-    Same initial weights and batches for every backend."""
+def copy_task_curve(backend: str | None, scaling: str = "delayed", steps: int = STEPS) -> list[float]:
+    """SFT losses of a 4-layer Llama learning to copy a random 64-token prefix, bf16 weights, FP8 if ``backend``
+    (Transformer Engine with the ``scaling`` recipe). Same initial weights and batches for every backend."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -32,6 +32,7 @@ def copy_task_curve(backend: str | None, steps: int = STEPS) -> list[float]:
         plan = convert_to_fp8(model, backend)
         assert len(plan.convert) == 4 * 7 and list(plan.skipped) == ["lm_head"]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    recipe = te_recipe(scaling=scaling) if backend == "te" else None
     generator = torch.Generator(device="cuda").manual_seed(1)
     losses = []
     for _ in range(steps):
@@ -39,7 +40,7 @@ def copy_task_curve(backend: str | None, steps: int = STEPS) -> list[float]:
         ids = torch.cat([prefix, prefix], dim=1)
         labels = ids.clone()
         labels[:, :64] = IGNORE_INDEX  # the loss is on the copy only
-        with fp8_context(backend):
+        with fp8_context(backend, recipe):
             logps, mask = token_logprobs(model, ids, None, labels)
         loss = sft_loss(logps, mask)[0]
         loss.backward()
@@ -53,14 +54,32 @@ def window_means(losses: list[float]) -> list[float]:
     return [sum(losses[i:i + WINDOW]) / WINDOW for i in range(0, len(losses), WINDOW)]
 
 
+def tracking_problems(bf16: list[float], fp8: list[float], scaling: str | None) -> list[str]:
+    """How an FP8 curve of 25-step window means fails to track bf16's (empty: it tracks). Dynamic scaling (torchao,
+    TE's current scaling) must be within 15% + 0.05 of bf16 in every window. TE's delayed scaling takes each scale
+    from earlier steps, so while the loss collapses (the activations change fastest) it may trail: it must collapse
+    (fall below half its first window) in the same window as bf16 or the next, and match bf16 in every other window
+    (the one before the collapse and the collapse itself are excused)."""
+    windows = list(enumerate(zip(bf16, fp8)))
+    problems = []
+    if scaling == "delayed":
+        collapsed = [next((i for i, x in enumerate(curve) if x < 0.5 * curve[0]), len(curve)) for curve in (bf16, fp8)]
+        if collapsed[1] - collapsed[0] not in (0, 1):
+            problems.append(f"FP8 collapsed in window {collapsed[1]}, bf16 in {collapsed[0]}")
+        windows = [w for w in windows if not min(collapsed) - 1 <= w[0] <= max(collapsed)]
+    problems += [f"window {i * WINDOW}-{(i + 1) * WINDOW}: bf16 {a:.3f}, fp8 {b:.3f}"
+                 for i, (a, b) in windows if abs(a - b) > 0.15 * a + 0.05]
+    return problems
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_FP8_GPU, reason="needs a CUDA GPU with FP8 (compute capability 8.9+)")
-@pytest.mark.parametrize("backend", FP8_BACKENDS)
-def test_fp8_loss_tracks_bf16(backend):
+@pytest.mark.parametrize("backend,scaling", [("torchao", None), ("te", "current"), ("te", "delayed")])
+def test_fp8_loss_tracks_bf16(backend, scaling):
     if importlib.util.find_spec(BACKEND_MODULES[backend]) is None:
         pytest.skip(f"{BACKEND_MODULES[backend]} is not installed")
-    bf16, fp8 = window_means(copy_task_curve(None)), window_means(copy_task_curve(backend))
-    print(f"\n25-step mean losses, bf16: {[round(x, 3) for x in bf16]}\n{backend} fp8: {[round(x, 3) for x in fp8]}")
+    bf16, fp8 = window_means(copy_task_curve(None)), window_means(copy_task_curve(backend, scaling or "delayed"))
+    print(f"\n25-step mean losses, bf16: {[round(x, 3) for x in bf16]}\n{backend} {scaling or ''} fp8: "
+          f"{[round(x, 3) for x in fp8]}")
     assert bf16[-1] < 0.5 * bf16[0], "the bf16 run itself did not learn the copy task"
-    for step, (a, b) in enumerate(zip(bf16, fp8)):
-        assert abs(a - b) <= 0.15 * a + 0.05, f"window {step * WINDOW}-{(step + 1) * WINDOW}: bf16 {a:.3f}, fp8 {b:.3f}"
+    assert tracking_problems(bf16, fp8, scaling) == []
