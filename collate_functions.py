@@ -15,7 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-IGNORE_INDEX = -100
+from losses.logprobs import IGNORE_INDEX
+from losses.sft import VERIFIER_PARTS
+
 INVALID_PROMPT = "invalid: the prompt alone fills --max-length"
 
 
@@ -93,8 +95,6 @@ def tokenize_pair(tokenizer, row: dict, max_length: int, overlong: str) -> tuple
 
 def tokenize_verifier(tokenizer, row: dict, max_length: int, overlong: str) -> tuple[dict | None, str]:
     """A GenRM-CoT row (verification rationale or correct solution) as for SFT, plus its ``part`` (0 or 1)."""
-    from losses.sft import VERIFIER_PARTS
-
     feature, status = tokenize_chat(tokenizer, row["messages"], max_length, overlong)
     if feature is not None:
         feature["part"] = VERIFIER_PARTS.index(row["part"])
@@ -109,9 +109,10 @@ def generation_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
 
 @dataclass(frozen=True)
 class BatchPlan:
-    """Indices of one micro-batch, and the loss units (answer tokens, or pairs) of its whole accumulation window
-    (all workers). The loss of a micro-batch is divided by the window's count, so that every answer token (or
-    pair) weighs the same whatever the batch size, accumulation or worker count.
+    """Indices of one micro-batch, and the loss units (answer tokens, or pairs; per part for a loss of several parts)
+    of its whole accumulation window (all workers), counted by the objective's ``units``. The loss summed over a
+    micro-batch is divided by the window's count, so that every answer token (or pair) weighs the same whatever the
+    batch size, accumulation or worker count.
     """
 
     indices: tuple[int, ...]
@@ -124,7 +125,7 @@ class SFTCollator:
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
 
-    def __call__(self, features: list[dict], window_units: int | None = None) -> dict[str, torch.Tensor]:
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         width = max(len(f["input_ids"]) for f in features)
         input_ids = torch.full((len(features), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
@@ -134,53 +135,35 @@ class SFTCollator:
             input_ids[row, :n] = torch.tensor(f["input_ids"])
             labels[row, :n] = torch.tensor(f["labels"])
             attention_mask[row, :n] = 1
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        targets = int((labels[:, 1:] != IGNORE_INDEX).sum())
-        batch["window_units"] = torch.tensor(window_units if window_units is not None else targets)
-        return batch
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
 class PreferenceCollator(SFTCollator):
     """A batch of B pairs as one padded batch of 2B sequences: chosen answers in rows 0..B-1, rejected in B..2B-1,
     so both go through the model in one forward pass. Precomputed reference log-probs come along as ``ref_logps`` (2B,)."""
 
-    def __call__(self, features: list[dict], window_units: int | None = None) -> dict[str, torch.Tensor]:
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         sequences = [{"input_ids": f[f"{side}_input_ids"], "labels": f[f"{side}_labels"]}
                      for side in ("chosen", "rejected") for f in features]
-        batch = super().__call__(sequences, window_units if window_units is not None else len(features))
+        batch = super().__call__(sequences)
         if "ref_logps" in features[0]:
             batch["ref_logps"] = torch.tensor([f["ref_logps"][side] for side in (0, 1) for f in features])
         return batch
 
 
 class VerifierCollator(SFTCollator):
-    """An SFT batch plus ``part`` (B,): 0 for verification rows, 1 for correct-solution rows. ``window_units``
-    is (2,): the answer tokens of each part, which the GenRM-CoT loss averages over separately."""
+    """An SFT batch plus ``part`` (B,): 0 for verification rows, 1 for correct-solution rows, whose answer tokens
+    the GenRM-CoT loss averages over separately."""
 
-    def __call__(self, features: list[dict], window_units: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
-        batch = super().__call__(features, window_units)
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        batch = super().__call__(features)
         batch["part"] = torch.tensor([f["part"] for f in features])
-        if window_units is None:
-            counts = [0, 0]
-            for f in features:
-                counts[f["part"]] += target_count(f)
-            batch["window_units"] = torch.tensor(counts)
         return batch
 
 
 def target_count(feature: dict) -> int:
     """Tokens the loss is computed on (the first position is never predicted)."""
     return sum(1 for label in feature["labels"][1:] if label != IGNORE_INDEX)
-
-
-def loss_units(feature: dict) -> int | tuple[int, int]:
-    """What the loss averages over: answer tokens for SFT, pairs for preference losses, and the answer tokens
-    of each of its two parts for the GenRM-CoT loss."""
-    if "part" in feature:
-        units = [0, 0]
-        units[feature["part"]] = target_count(feature)
-        return tuple(units)
-    return 1 if "rejected_input_ids" in feature else target_count(feature)
 
 
 def feature_length(feature: dict) -> int:
@@ -268,4 +251,6 @@ class PlannedDataset(torch.utils.data.Dataset):
         return len(self.features)
 
     def __getitem__(self, plan: BatchPlan) -> dict[str, torch.Tensor]:
-        return self.collator([self.features[i] for i in plan.indices], plan.window_units)
+        batch = self.collator([self.features[i] for i in plan.indices])
+        batch["window_units"] = torch.tensor(plan.window_units)
+        return batch

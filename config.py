@@ -22,13 +22,16 @@ from typing import Any
 
 import yaml
 
+from objectives import TRAINING_TYPES, get_objective, validate_answers
 from storage import is_remote, join
 
-TRAINING_TYPES = ("sft", "dpo", "bt", "sft_verifier")
-# Training types whose issue has landed; the rest parse and then fail clearly.
 PRECISIONS = ("32", "bf16-mixed", "bf16-true", "transformer-engine", "transformer-engine-float16")
 STRATEGIES = ("auto", "ddp", "fsdp", "deepspeed")
 FP8_RECIPES = ("delayed", "current")
+# GenRM-CoT adaptive K, the defaults of every entry point that scores with a verifier (train.py's validation,
+# extension/best_of_n.py, bench/verifier_throughput.py): rationales are drawn in groups of K_MIN up to K_MAX, and a
+# solution stops once the variance of its p("Yes") values is below TAU (Zhang et al., "Generative Verifiers").
+VERIFIER_K_MIN, VERIFIER_K_MAX, VERIFIER_TAU, VERIFIER_TEMPERATURE = 8, 32, 0.05, 0.7
 # Environment variables that may hold secrets; their values are never printed or saved.
 SECRET_ENV_VARS = (
     "HF_TOKEN",
@@ -119,17 +122,24 @@ class TrainConfig:
     fp8_amax_history_len: int = _f(
         16, "Transformer Engine delayed scaling: each FP8 scale comes from the largest |value| of this many past steps.")
     fp8_margin: int = _f(0, "Transformer Engine delayed scaling: keep 2**margin of headroom below the FP8 maximum.")
+    compile_head: bool = _f(
+        False, "torch.compile the output head and its log-softmax as one graph in every loss, so the float32 logits are "
+        "never written (on an H100 at 0.5B, 10-14% more tokens/s; the first steps pay the compilation).")
+    activation_checkpointing: bool = _f(
+        False, "Recompute each decoder layer's activations in the backward pass instead of keeping them: less memory, "
+        "about a third more compute. Under Transformer Engine FP8 the recompute runs in the FP8 context "
+        "(Transformer Engine's own checkpoint).")
     # Objective-specific.
     beta: float = _f(0.1, "DPO temperature beta.")
     lambda_: float = _f(0.1, "GenRM-CoT weight of the correct-solution SFT loss (flag --lambda).")
     verifier_k_min: int = _f(
-        8, "GenRM-CoT adaptive K of the validation verifier score: rationales drawn per group, and the fewest per solution "
+        VERIFIER_K_MIN, "GenRM-CoT adaptive K of the validation verifier score: rationales drawn per group, and the fewest per solution "
         "(K_min).")
-    verifier_k_max: int = _f(32, "GenRM-CoT adaptive K of the validation verifier score: the most rationales per solution (K_max).")
+    verifier_k_max: int = _f(VERIFIER_K_MAX, "GenRM-CoT adaptive K of the validation verifier score: the most rationales per solution (K_max).")
     verifier_tau: float = _f(
-        0.05, "GenRM-CoT adaptive K of the validation verifier score: a solution stops once the variance of its p('Yes') "
+        VERIFIER_TAU, "GenRM-CoT adaptive K of the validation verifier score: a solution stops once the variance of its p('Yes') "
         "values is below this.")
-    verifier_temperature: float = _f(0.7, "GenRM-CoT: sampling temperature of verification rationales (0: greedy).")
+    verifier_temperature: float = _f(VERIFIER_TEMPERATURE, "GenRM-CoT: sampling temperature of verification rationales (0: greedy).")
     ref_model_name: str | None = _f(None, "DPO reference model; default: a frozen copy of --model-name.")
     precompute_ref_logps: bool = _f(
         False, "DPO: compute the reference log-probs in one pass before training (cached on disk) and keep only the policy in memory."
@@ -327,9 +337,12 @@ def validate(cfg: TrainConfig) -> list[str]:
          f"need 1 <= --verifier-k-min <= --verifier-k-max, got {cfg.verifier_k_min} and {cfg.verifier_k_max}")
     need(cfg.verifier_tau >= 0, f"--verifier-tau must be 0 or more, got {cfg.verifier_tau}")
     need(cfg.verifier_temperature >= 0, f"--verifier-temperature must be 0 or more, got {cfg.verifier_temperature}")
-    if cfg.training_type != "dpo":
-        need(cfg.ref_model_name is None, f"--ref-model-name is for --training-type dpo, not {cfg.training_type}")
-        need(not cfg.precompute_ref_logps, f"--precompute-ref-logps is for --training-type dpo, not {cfg.training_type}")
+    objective = get_objective(cfg.training_type)
+    if not objective.uses_reference:
+        need(cfg.ref_model_name is None, f"--ref-model-name is for a training type with a reference model (dpo), "
+                                         f"not {cfg.training_type}")
+        need(not cfg.precompute_ref_logps, f"--precompute-ref-logps is for a training type with a reference model "
+                                           f"(dpo), not {cfg.training_type}")
     try:
         need(all(1 <= lv <= 4 for lv in cfg.levels()), f"--synthetic-levels must be levels 1-4, got {cfg.synthetic_levels!r}")
     except ValueError:
@@ -346,7 +359,9 @@ def validate(cfg: TrainConfig) -> list[str]:
              "--calculate-win-rate needs --win-rate-baseline (an inference.py output) and --win-rate-judge")
         need(cfg.win_rate_baseline is None or Path(cfg.win_rate_baseline).is_file(),
              f"--win-rate-baseline {cfg.win_rate_baseline}: no such file")
-        need(cfg.training_type in ("sft", "dpo"), "--calculate-win-rate judges generated answers: --training-type sft or dpo")
+        need(objective.validate is validate_answers,
+             f"--calculate-win-rate judges generated answers, which --training-type {cfg.training_type} does not "
+             "generate: use sft or dpo")
     if not cfg.use_ray:  # a Ray driver may have no GPU: its workers check their own machine (hardware_problems)
         problems += hardware_problems(cfg)
     return problems
@@ -442,7 +457,7 @@ def redact(text: str) -> str:
 
 def to_yaml(cfg: TrainConfig) -> str:
     """The resolved config as YAML (flag spellings as keys), secrets redacted."""
-    data = {name.rstrip("_").replace("_", "-"): getattr(cfg, name) for name in FIELDS}
+    data = {flag_name(name)[2:]: getattr(cfg, name) for name in FIELDS}
     return redact(yaml.safe_dump(data, sort_keys=False))
 
 
@@ -454,3 +469,44 @@ def save(cfg: TrainConfig, folder: Path) -> Path:
     tmp.write_text(to_yaml(cfg))
     tmp.replace(path)
     return path
+
+
+def reference_markdown() -> str:
+    """docs/configuration.md: every field of ``TrainConfig`` as its flag, YAML key, type, default and help, grouped as
+    the class groups them (its ``# Group.`` comments). ``python config.py`` rewrites the file; a test fails when the
+    file is stale."""
+    import inspect
+
+    groups: dict[str, list[str]] = {}
+    group = "General"
+    for line in inspect.getsource(TrainConfig).splitlines():
+        stripped = line.strip()
+        if stripped.startswith("# "):
+            group = stripped[2:].rstrip(".")
+        name = stripped.split(":", 1)[0]
+        if name in FIELDS and ": " in stripped and "=" in stripped:
+            groups.setdefault(group, []).append(name)
+    out = ["# Configuration reference", "",
+           "Every setting of `train.py`, generated from `config.TrainConfig` by `python config.py` (a test fails when this",
+           "file is stale). Each is a flag (booleans also take `--no-...`) and a key of a `--config` YAML file (written",
+           "with `-` or `_`); defaults < YAML < flags. `python train.py --config run.yaml --print-config` prints the",
+           "resolved values.", ""]
+    for title, names in groups.items():
+        out += [f"## {title}", "", "| flag | YAML key | type | default | what it does |", "|---|---|---|---|---|"]
+        for name in names:
+            f = FIELDS[name]
+            kind = FIELD_TYPES[name].__name__
+            choices = f.metadata.get("choices")
+            if choices:
+                kind = " \\| ".join(f"`{c}`" for c in choices)
+            default = "none" if f.default is None else f"`{f.default}`"
+            text = f.metadata["help"].replace("|", "\\|")
+            out.append(f"| `{flag_name(name)}` | `{name.rstrip('_')}` | {kind} | {default} | {text} |")
+        out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    target = Path(__file__).resolve().parent / "docs" / "configuration.md"
+    target.write_text(reference_markdown())
+    print(f"wrote {target}")

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from config import TrainConfig
+from objectives import get_objective
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ def _verifier_row(row: dict[str, Any]) -> dict[str, Any]:
     return {"messages": messages, "reference": row["solution"], "part": "correct"}
 
 
-# name: (adapter, columns that identify the format, the kind of training it feeds)
+# name: (adapter, columns that identify the format, the data kind it holds: an Objective's ``data_kind``)
 FORMATS: dict[str, tuple[Callable[[dict], dict], set[str], str]] = {
     "messages": (_messages_row, {"messages"}, "sft"),
     "gsm8k": (_gsm8k_row, {"question", "answer"}, "sft"),
@@ -108,14 +109,12 @@ FORMATS: dict[str, tuple[Callable[[dict], dict], set[str], str]] = {
     "preference": (_preference_row, {"prompt", "chosen", "rejected"}, "preference"),
     "verifier": (_verifier_row, {"question", "solution"}, "verifier"),
 }
-PREFERENCE_TYPES = ("dpo", "bt")
-DATA_KINDS = {"dpo": "preference", "bt": "preference", "sft_verifier": "verifier"}  # the rest read "sft" data
 VERIFIER_SPLITS = {"train": ("verify_train", "correct_train"), "test": ("verify_validation", "correct_validation")}
 
 
 def detect_format(columns: list[str], requested: str, dataset_name: str, training_type: str = "sft") -> str:
     """The --dataset-source to use for a dataset with these columns and this --training-type."""
-    kind = DATA_KINDS.get(training_type, "sft")
+    kind = get_objective(training_type).data_kind
     if requested != "auto":
         missing = FORMATS[requested][1] - set(columns)
         if missing:
@@ -163,22 +162,10 @@ def load_raw(cfg: TrainConfig):
 
     name = cfg.dataset_name
     path = Path(name)
-    pairs = cfg.training_type in PREFERENCE_TYPES
-    verifier = cfg.training_type == "sft_verifier"
-    if name == "synthetic-math":
-        import synthetic_math
-
-        n_train = cfg.train_dataset_length or 5000
-        n_test = cfg.test_dataset_length or 200
-        if verifier:
-            from extension import data_preparation as prep
-
-            # Each problem gives a verification row and a correct-solution row. The held-out problems are the SFT
-            # and DPO runs' test problems (the first n_test of the stream), so no stage trains on what Best-of-N
-            # is evaluated on; the row caps then keep n_train and n_test interleaved rows.
-            collected = prep.read_synthetic(n_test + -(-n_train // 2), cfg.seed, cfg.levels(), held_out=n_test)
-            return verifier_dataset(prep.build_splits(collected, 0.0, cfg.seed))
-        return synthetic_math.build_dataset(n_train, n_test, seed=cfg.seed, levels=cfg.levels(), pairs=pairs)
+    kind = get_objective(cfg.training_type).data_kind
+    pairs, verifier = kind == "preference", kind == "verifier"
+    if name == "synthetic-math":  # each objective builds its own kind of rows
+        return get_objective(cfg.training_type).synthetic(cfg)
     if path.is_dir():
         loaded = datasets.load_from_disk(str(path))
     elif path.is_file():

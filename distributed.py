@@ -12,10 +12,12 @@ newest reported checkpoint. Logs, generations, the resolved config and the final
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -151,11 +153,11 @@ def ray_trainer_setup(cfg: TrainConfig) -> dict:
     return {"plugins": [RayLightningEnvironment()], "callbacks": [RayCheckpointReport(cfg)], "devices": "auto"}
 
 
-def _worker(config: dict) -> None:
-    """The training function of each Ray worker: check the machine, find the checkpoint to start from, run."""
+def _worker(config: dict, train_fn: Callable[..., dict]) -> None:
+    """The training function of each Ray worker: check the machine, find the checkpoint to start from, and run
+    ``train_fn`` (``train.run``, the same function a local run calls)."""
     import ray.train
 
-    import train
     from config import ConfigError, hardware_problems
 
     cfg = TrainConfig(**config["cfg"])
@@ -176,13 +178,14 @@ def _worker(config: dict) -> None:
         raise ConfigError([f"--resume-from-checkpoint last: run {cfg.storage_dir} has no checkpoint yet"])
     if rank == 0:
         pull_run_files(cfg)
-    results = train.run(cfg, ckpt=str(ckpt) if ckpt else None, on_ray=True)
+    results = train_fn(cfg, ckpt=str(ckpt) if ckpt else None, on_ray=True)
     ray.train.report({k: v for k, v in (results.get("after") or results.get("test") or {}).items()})
     shutil.rmtree(workdir, ignore_errors=True)
 
 
-def run_on_ray(cfg: TrainConfig) -> dict:
-    """Run ``train.run`` on ``--num-workers`` Ray workers; returns the final metrics and where the run is stored."""
+def run_on_ray(cfg: TrainConfig, train_fn: Callable[..., dict]) -> dict:
+    """Run ``train_fn`` (``train.run``, passed in so that this module needs no import of train.py) on
+    ``--num-workers`` Ray workers; returns the final metrics and where the run is stored."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -195,7 +198,7 @@ def run_on_ray(cfg: TrainConfig) -> dict:
     storage_path = cfg.storage_path if storage.is_remote(cfg.storage_path) else str(Path(cfg.storage_path).resolve())
     resources = {"GPU": 1} if cfg.use_gpu else {"CPU": 1}
     trainer = TorchTrainer(
-        _worker,
+        functools.partial(_worker, train_fn=train_fn),
         train_loop_config={"cfg": dataclasses.asdict(dataclasses.replace(cfg, storage_path=storage_path))},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources,
                                      accelerator_type=cfg.accelerator_type, placement_strategy=cfg.placement_strategy),

@@ -69,10 +69,11 @@ def main(argv: list[str] | None = None) -> dict:
     if not predictions.is_file():
         print(f"evaluate_math.py: --predictions {predictions}: no such file", file=sys.stderr)
         raise SystemExit(2)
-    rows = [json.loads(line) for line in predictions.read_text().splitlines() if line.strip()][: args.limit]
+    from resumable import read_rows
+
     try:
-        results, summary = score(rows)
-    except (ValueError, KeyError) as exc:
+        results, summary = score(read_rows(predictions, keys=("completion",))[: args.limit])
+    except (ValueError, KeyError) as exc:  # DataError (a bad line) is a ValueError
         print(f"evaluate_math.py: {predictions}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results))

@@ -23,7 +23,6 @@ from that file. Sampling uses transformers' ``generate``; a vLLM backend will sl
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -34,10 +33,12 @@ from pathlib import Path
 import torch
 
 from collate_functions import generation_prompt_ids
-from config import ConfigError, TrainConfig, resolve
-from custom_dataset import DataError, detect_format, load_raw, normalise
-from metrics import check, gold_answer, parse
+from config import ConfigError, TrainConfig
+from custom_dataset import DataError
+from math_problems import load_problems
+from metrics import check, parse
 from models import cache_dir, generate_from_prompts, load_causal_lm, load_tokenizer
+from resumable import append_rows, read_rows, save_or_check_settings
 
 SAMPLES_FILE = "samples.jsonl"
 SETTINGS_FILE = "generation.json"
@@ -102,33 +103,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-# ---- problems and answers --------------------------------------------------------------------------------
-
-def load_problems(args: argparse.Namespace) -> list[dict]:
-    """The first --num-problems rows of --split as {question_id, question, reference, gold_answer}."""
-
-    cfg, _ = resolve(["--dataset-name", args.dataset_name, "--seed", str(args.seed),
-                      "--synthetic-levels", args.synthetic_levels])
-    split = load_raw(cfg)[args.split]
-    detect_format(split.column_names, "gsm8k", args.dataset_name)
-    if args.num_problems is not None:
-        split = split.select(range(min(args.num_problems, len(split))))
-    ids = split["id"] if "id" in split.column_names else range(len(split))
-    problems: list[dict] = []
-    seen: set[str] = set()
-    for row, raw_id in zip(normalise(split, "gsm8k", args.dataset_name, args.split), ids):
-        where = f"{args.dataset_name} [{args.split}] row {row['row']}"
-        gold, question_id = gold_answer(row["reference"]), str(raw_id)
-        if not parse(gold):
-            raise DataError(f"{where}: math-verify reads no answer in the final '#### {gold}'")
-        if question_id in seen:  # ids are how a rerun knows which problems are done
-            raise DataError(f"{where}: id {question_id!r} is used twice; problem ids must be unique")
-        seen.add(question_id)
-        problems.append({"question_id": question_id, "question": row["messages"][0]["content"],
-                         "reference": row["reference"], "gold_answer": gold})
-    return problems
-
-
 # ---- sampling --------------------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -158,35 +132,17 @@ def sample_solutions(model, tokenizer, questions: list[str], k: int, *, temperat
 def check_folder(folder: Path, settings: dict) -> None:
     """Create ``folder`` for a new run, or check that it holds an earlier run with the same sampling settings."""
     path = folder / SETTINGS_FILE
-    if path.is_file():
-        earlier = json.loads(path.read_text())
-        changed = [f"--{k.replace('_', '-')} {settings[k]} (earlier run: {earlier.get(k)})"
-                   for k in SAMPLING_FLAGS if earlier.get(k) != settings[k]]
-        if changed:
-            raise ConfigError([f"{folder} holds samples drawn with other settings: {', '.join(changed)}; "
-                               "repeat the earlier settings to resume, or choose a new --output-dir"])
-        return
-    if folder.is_dir() and any(folder.iterdir()):
+    if not path.is_file() and folder.is_dir() and any(folder.iterdir()):
         raise ConfigError([f"--output-dir {folder} is not empty and was not made by generate_dpo_pairs.py; "
                            "choose a new or empty folder"])
     folder.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(settings, indent=1) + "\n")
+    save_or_check_settings(path, settings, "--output-dir", folder)
 
 
 def read_records(path: Path) -> dict[str, dict]:
-    """The problems already processed, by question id (first record wins)."""
-    if not path.is_file():
-        return {}
-    text = path.read_text()
-    if text and not text.endswith("\n"):  # a crash in the middle of a write: drop the torn line, it is re-sampled
-        text = text[:text.rfind("\n") + 1]
-        path.write_text(text)
+    """The problems already processed, by question id (first record wins); see ``resumable.read_rows``."""
     records: dict[str, dict] = {}
-    for number, line in enumerate(text.splitlines(), start=1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path} line {number} is not valid JSON ({exc}); delete that line to re-sample it") from None
+    for record in read_rows(path, keys=("question_id",)):
         records.setdefault(record["question_id"], record)
     return records
 
@@ -201,8 +157,7 @@ def sample_problems(args: argparse.Namespace, problems: list[dict], path: Path, 
     model, tokenizer = load_causal_lm(args.model_name), load_tokenizer(args.model_name)
     if torch.cuda.is_available():
         model = model.to("cuda")
-    with tqdm(total=len(problems), initial=len(problems) - len(todo), desc="problems", unit="problem") as bar, \
-            path.open("a") as out:
+    with tqdm(total=len(problems), initial=len(problems) - len(todo), desc="problems", unit="problem") as bar:
         # Batches are cut from the full problem list, so a resumed run seeds each batch as an uninterrupted one does.
         for start in range(0, len(problems), args.batch_size):
             batch = [p for p in problems[start:start + args.batch_size] if p["question_id"] not in done]
@@ -212,14 +167,12 @@ def sample_problems(args: argparse.Namespace, problems: list[dict], path: Path, 
                 model, tokenizer, [p["question"] for p in batch], args.samples_per_problem, temperature=args.temperature,
                 top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed + start // args.batch_size,
             )
-            lines = []
+            records = []
             for problem, texts in zip(batch, samples):
                 gold = parse(problem["gold_answer"])
                 answers, correct = zip(*(check(t, gold) for t in texts))
-                lines.append(json.dumps({**problem, "samples": texts, "answers": answers, "correct": correct}) + "\n")
-            out.write("".join(lines))  # one write per batch: a crash tears at most the last line
-            out.flush()
-            os.fsync(out.fileno())
+                records.append({**problem, "samples": texts, "answers": answers, "correct": correct})
+            append_rows(path, records)
             bar.update(len(batch))
 
 
@@ -278,7 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
     # With --repo alone, samples still go to a folder on disk, so that a push can be resumed too.
     folder = Path(args.output_dir) if args.output_dir else cache_dir() / "dpo-pairs" / args.repo.replace("/", "--")
     try:
-        problems = load_problems(args)
+        problems = load_problems(args.dataset_name, args.split, args.num_problems, args.seed, args.synthetic_levels)
         check_folder(folder, {k: getattr(args, k) for k in SAMPLING_FLAGS})
         path = folder / SAMPLES_FILE
         done = read_records(path)

@@ -24,8 +24,9 @@ import sys
 import time
 from pathlib import Path
 
-from config import ConfigError, TrainConfig, redact
+from config import ConfigError, TrainConfig, flag_name, redact
 from custom_dataset import DataError
+from resumable import append_rows, check_same_settings, read_rows
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     for name in ("n", "max_new_tokens", "batch_size"):
         if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+            parser.error(f"{flag_name(name)} must be at least 1, got {getattr(args, name)}")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         parser.error(f"--temperature must be >= 0 and --top-p in (0, 1], got {args.temperature} and {args.top_p}")
     if args.temperature == 0 and args.n > 1:
@@ -89,38 +90,11 @@ def load_prompts(args: argparse.Namespace) -> list[dict]:
 SETTINGS = ("n", "temperature", "top_p", "max_new_tokens", "seed", "chat_template")  # what a row's answers depend on
 
 
-def read_output(path: Path) -> list[dict]:
-    """The rows already in the output. A last line cut by a crash (no newline) is dropped from the file, its
-    batch is redone; any other bad line is an error, so that no valid row after it is ever lost."""
-    if not path.is_file():
-        return []
-    text = path.read_text()
-    if text and not text.endswith("\n"):
-        text = text[:text.rfind("\n") + 1]
-        path.write_text(text)
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        try:
-            row = json.loads(line)
-            row["id"] = str(row["id"])
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise DataError(f"--output {path} line {number} is not an inference.py row ({exc}); delete that line to "
-                            "regenerate its prompt, or write to another --output") from None
-        rows.append(row)
-    return rows
-
-
-def check_same_settings(path: Path, first: dict, args: argparse.Namespace) -> None:
-    """Refuse to append to ``path`` answers generated differently from its first row's: the file would mix two
-    experiments under one name."""
-    flags = {"model": "--model-name", "chat_template": "--chat-template/--no-chat-template"}
-    ours = {"model": args.model_name, **{k: getattr(args, k) for k in SETTINGS}}
-    theirs = {"model": first.get("model"), **{k: first.get("settings", {}).get(k) for k in SETTINGS}}
-    differ = [f"{flags.get(k, '--' + k.replace('_', '-'))} {theirs[k]!r} there, {ours[k]!r} now" for k in ours
-              if ours[k] != theirs[k]]
-    if differ:
-        raise ConfigError([f"--output {path} holds answers generated with other settings ({'; '.join(differ)}): "
-                           "rerun with the same settings to resume it, or write to another --output"])
+def check_same_output_settings(path: Path, first: dict, args: argparse.Namespace) -> None:
+    """Refuse to append to ``path`` answers generated differently from its first row's (every row holds its model
+    and settings): the file would mix two experiments under one name."""
+    saved = {"model_name": first.get("model"), **first.get("settings", {})}
+    check_same_settings(saved, {"model_name": args.model_name, **{k: getattr(args, k) for k in SETTINGS}}, "--output", path)
 
 
 def use_vllm(backend: str) -> bool:
@@ -201,10 +175,10 @@ def run(args: argparse.Namespace) -> dict:
     prompts = load_prompts(args)
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    written = read_output(output)
+    written = read_rows(output, keys=("id",))
     if written:
-        check_same_settings(output, written[0], args)
-    done = {row["id"] for row in written}
+        check_same_output_settings(output, written[0], args)
+    done = {str(row["id"]) for row in written}
     todo = [p for p in prompts if p["id"] not in done]
     print(f"{len(prompts)} prompts, {len(done)} already in {output}, {len(todo)} to generate")
     if not todo:
@@ -212,15 +186,13 @@ def run(args: argparse.Namespace) -> dict:
     backend = VLLMBackend(args.model_name) if use_vllm(args.backend) else TransformersBackend(args.model_name)
     settings = {k: getattr(args, k) for k in SETTINGS}
     started, completions = time.time(), 0
-    with output.open("a") as out, tqdm(total=len(todo), desc=f"generating ({backend.name})", unit="prompt") as bar:
+    with tqdm(total=len(todo), desc=f"generating ({backend.name})", unit="prompt") as bar:
         for start in range(0, len(todo), args.batch_size):
             batch = todo[start:start + args.batch_size]
             results = backend.generate(batch, args, seed=args.seed + start + len(done))
-            for row, texts in zip(batch, results, strict=True):
-                out.write(json.dumps({"id": row["id"], "prompt": row["messages"], "completions": texts,
-                                      "completion": texts[0], "reference": row["reference"], "model": args.model_name,
-                                      "backend": backend.name, "settings": settings}) + "\n")
-            out.flush()  # a crash loses at most the batch in flight
+            append_rows(output, [{"id": row["id"], "prompt": row["messages"], "completions": texts, "completion": texts[0],
+                                  "reference": row["reference"], "model": args.model_name, "backend": backend.name,
+                                  "settings": settings} for row, texts in zip(batch, results, strict=True)])
             completions += len(batch) * args.n
             bar.update(len(batch))
             bar.set_postfix(completions_per_s=f"{completions / (time.time() - started):.2f}")

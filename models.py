@@ -162,18 +162,37 @@ def score_responses(model, tokenizer, prompts: list[str | list[dict]], responses
     return scores
 
 
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt token ids as one left-padded batch, so that every continuation starts at the same column.
+
+    Example: ``left_pad([[5, 6, 7], [8]], 0)`` gives ids ``[[5, 6, 7], [0, 0, 8]]`` and attention mask
+    ``[[1, 1, 1], [0, 0, 1]]``.
+
+    Returns:
+        ids (B, T) and attention mask (B, T), int64 on the CPU; T is the longest prompt's length.
+    """
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)  # (B, T)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[row, width - len(p):] = 1
+    return ids, mask
+
+
+def stop_token_ids(tokenizer) -> set[int]:
+    """Token ids that end an answer: the tokenizer's end-of-sequence and ChatML's ``<|im_end|>`` (those it has)."""
+    return {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")} - {None, tokenizer.unk_token_id}
+
+
 @torch.no_grad()
 def generate_from_prompts(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, **generate_kwargs) -> list[str]:
     """Answers to prompt token ids (e.g. ``collate_functions.generation_prompt_ids``), in one left-padded batch,
-    stopping at the tokenizer's end-of-sequence or ChatML's ``<|im_end|>``; ``generate_kwargs`` go to ``generate``
-    (sampling settings, ``num_return_sequences``: its answers come out adjacent). Returns stripped answers in order."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)  # (B, T)
-    attention = torch.zeros_like(ids)
-    for row, p in enumerate(prompts):  # left padding, so every answer starts at column `width`
-        ids[row, width - len(p):] = torch.tensor(p)
-        attention[row, width - len(p):] = 1
-    stop = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")} - {None, tokenizer.unk_token_id}
+    stopping at ``stop_token_ids``; ``generate_kwargs`` go to ``generate`` (sampling settings,
+    ``num_return_sequences``: its answers come out adjacent). Returns stripped answers in order."""
+    ids, attention = left_pad(prompts, tokenizer.pad_token_id)  # (B, T): every answer starts at column T
+    width = ids.shape[1]
+    stop = stop_token_ids(tokenizer)
     was_training = model.training
     model.eval()
     generated = model.generate(

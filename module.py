@@ -8,33 +8,18 @@ import json
 import math
 import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 from tqdm import tqdm
 
-from collate_functions import (
-    BatchPlan,
-    LengthGroupedBatchSampler,
-    PlannedDataset,
-    SFTCollator,
-    feature_length,
-    generation_prompt_ids,
-    loss_units,
-)
+from collate_functions import BatchPlan, LengthGroupedBatchSampler, PlannedDataset, feature_length, generation_prompt_ids
 from config import TrainConfig
 from custom_dataset import CustomDataset
-from losses.bt import bt_loss
-from losses.dpo import dpo_loss, sequence_logps
-from losses.logprobs import token_logprobs
-from losses.sft import genrm_part_losses, sft_loss
-from metrics import answers_match, auc, edit_distance, has_final_answer
-from models import generate_from_prompts, sequence_rewards
-
-# A step turns a batch into (mean loss, metrics to log, loss units in the batch: answer tokens or pairs).
-Step = Callable[["PostTrainingModule", dict], tuple[torch.Tensor, dict, torch.Tensor]]
+from metrics import answers_match, edit_distance, has_final_answer
+from models import generate_from_prompts
+from objectives import Objective, get_objective, reference_logps
 
 # The module restores the data position itself (see on_load_checkpoint), so Lightning's advice does not apply.
 warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
@@ -48,45 +33,6 @@ def _first(plan: BatchPlan | dict) -> BatchPlan | dict:
     return plan
 
 
-def sft_step(module: PostTrainingModule, batch: dict) -> tuple[torch.Tensor, dict, torch.Tensor]:
-    logps, mask = token_logprobs(module.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-    loss, metrics = sft_loss(logps, mask)
-    return loss, {}, metrics["tokens"]
-
-
-def dpo_step(module: PostTrainingModule, batch: dict) -> tuple[torch.Tensor, dict, torch.Tensor]:
-    """Chosen rows 0..B-1 and rejected rows B..2B-1 in one forward pass of the policy."""
-    logps, mask = token_logprobs(module.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-    policy = sequence_logps(logps, mask)  # (2B,)
-    ref = batch["ref_logps"].to(policy) if "ref_logps" in batch else reference_logps(module.ref_model, batch)
-    pairs = policy.shape[0] // 2
-    loss, metrics = dpo_loss(policy[:pairs], policy[pairs:], ref[:pairs], ref[pairs:], module.cfg.beta)
-    return loss, metrics, torch.tensor(pairs)
-
-
-@torch.no_grad()
-def reference_logps(ref_model, batch: dict) -> torch.Tensor:
-    """log pi_ref(y | x) of every sequence of the batch, (N,): what a live reference computes each step and
-    what --precompute-ref-logps computes once."""
-    logps, mask = token_logprobs(ref_model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-    return sequence_logps(logps, mask)
-
-
-def bt_step(module: PostTrainingModule, batch: dict) -> tuple[torch.Tensor, dict, torch.Tensor]:
-    rewards = sequence_rewards(module.model, batch["input_ids"], batch["attention_mask"])  # (2B,)
-    pairs = rewards.shape[0] // 2
-    loss, metrics = bt_loss(rewards[:pairs], rewards[pairs:])
-    return loss, metrics, torch.tensor(pairs)
-
-
-def verifier_step(module: PostTrainingModule, batch: dict) -> tuple[torch.Tensor, dict, torch.Tensor]:
-    """GenRM-CoT: the SFT loss of each part (verification rationales, correct solutions), (2,), with its tokens (2,);
-    the module weighs them with ``losses.sft.genrm_combine``."""
-    logps, mask = token_logprobs(module.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-    losses, tokens = genrm_part_losses(logps, mask, batch["part"])
-    return losses, {}, tokens
-
-
 def cosine_with_warmup(step: int, warmup: int, total: int, min_ratio: float) -> float:
     """LR multiplier: linear warmup from 0 to 1 over ``warmup`` steps, then cosine decay to ``min_ratio``."""
     if step < warmup:
@@ -96,25 +42,20 @@ def cosine_with_warmup(step: int, warmup: int, total: int, min_ratio: float) -> 
 
 
 class PostTrainingModule(pl.LightningModule):
-    """Wraps a Hugging Face causal LM and the datasets of one run.
-
-    ``step``, ``generates`` ("answers": validation answers are generated and checked, "verdicts": verification
-    rationales are sampled and scored, None: neither) and ``parts`` come from ``train.TRAINING_TYPES``. A step
-    with ``parts`` returns one loss per part, each averaged over its own units, and ``combine`` weighs them.
-    """
+    """Wraps a Hugging Face model and the datasets of one run; what is trained, and how, is its ``Objective``
+    (``objectives.py``; by default the one of ``cfg.training_type``). The objective's loss returns the loss summed
+    over a batch's units; the module divides once, by the units of the whole accumulation window."""
 
     def __init__(self, cfg: TrainConfig, model, tokenizer, train_set: CustomDataset, val_set: CustomDataset,
-                 step: Step = sft_step, collator: SFTCollator | None = None, ref_model=None,
-                 generates: str | None = "answers", parts: tuple[str, ...] | None = None,
-                 combine: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 objective: Objective | None = None, ref_model=None):
         super().__init__()
         self.cfg, self.model, self.tokenizer = cfg, model, tokenizer
         self.train_set, self.val_set = train_set, val_set
-        self.step, self.generates = step, generates
-        self.parts, self.combine = parts, combine
-        self._val_sums = self._val_units = None  # per-part loss sums and units of the validation pass
+        self.objective = objective or get_objective(cfg.training_type)
+        self.loss_fn, self.total = self.objective.bound_loss(cfg), self.objective.bound_total(cfg)
+        self._val_sums = self._val_units = None  # loss sums and units of the validation pass (per part)
         self._judges: dict = {}  # --calculate-win-rate's judge, loaded once (a plain dict: not a submodule)
-        self.collator = collator or SFTCollator(tokenizer.pad_token_id)
+        self.collator = self.objective.collator(tokenizer.pad_token_id)
         self.model.train()  # from_pretrained returns eval mode; Lightning expects the training mode at fit start
         self.ref_model = ref_model  # frozen; left out of checkpoints (rebuilt from the config on resume)
         if ref_model is not None:
@@ -129,7 +70,7 @@ class PostTrainingModule(pl.LightningModule):
     def _loader(self, dataset: CustomDataset, shuffle: bool, world: int, rank: int) -> torch.utils.data.DataLoader:
         sampler = LengthGroupedBatchSampler(
             lengths=[feature_length(f) for f in dataset.features],
-            targets=[loss_units(f) for f in dataset.features],
+            targets=[self.objective.units(f) for f in dataset.features],
             batch_size=self.cfg.batch_size,
             accumulate=self.cfg.accumulate_grad_batches if shuffle else 1,
             shuffle=shuffle, seed=self.cfg.seed, rank=rank, world_size=world,
@@ -169,32 +110,35 @@ class PostTrainingModule(pl.LightningModule):
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
-    def _log(self, name: str, value, exact: bool = False, **kwargs) -> None:
+    def log_metric(self, name: str, value, exact: bool = False, **kwargs) -> None:
         """Log a metric rounded to --roundoff decimals (``exact`` for values like the learning rate)."""
         value = torch.as_tensor(value, dtype=torch.float32)
         self.log(name, value if exact else torch.round(value, decimals=self.cfg.roundoff), **kwargs)
 
+    def _log_parts(self, prefix: str, loss_sum: torch.Tensor, units: torch.Tensor) -> None:
+        """'<part>_loss' of each part present (a loss of several parts: its per-part means)."""
+        for p, name in enumerate(self.objective.parts):
+            if units[p] > 0:
+                self.log_metric(f"{prefix}/{name}_loss", loss_sum[p] / units[p])
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss, metrics, units = self.step(self, batch)
-        # Lightning divides by the accumulation count and DDP averages over workers; undo both so the loss is
+        loss_sum, units, metrics = self.loss_fn(self.model, batch, self.ref_model)
+        units = units.to(loss_sum)
+        # Lightning divides by the accumulation count and DDP averages over workers; undo both, so the objective is
         # (sum over the batch's tokens or pairs) / (tokens or pairs in the whole window, all workers).
         scale = self.trainer.accumulate_grad_batches * self.trainer.world_size
-        window = batch["window_units"].float() / scale
-        objective = loss * units / torch.where(window > 0, window, 1)  # a part absent from the window adds 0
+        objective = self.total(loss_sum * scale, batch["window_units"].to(loss_sum))
         self._data_position = {"epoch": self.current_epoch, "batches": batch_idx + 1}
-        if self.parts:
-            metrics = {**metrics, **{f"{name}_loss": loss[p].detach() for p, name in enumerate(self.parts) if units[p] > 0}}
-            loss, objective = self.combine(loss), self.combine(objective)
-        shown = loss.detach()
-        if self.trainer.world_size > 1 and not self.parts:  # the loss of the whole step's batch, not this worker's share
-            total = self.trainer.strategy.reduce(torch.stack([shown * units, units.to(shown)]), reduce_op="sum")
-            shown = total[0] / total[1].clamp(min=1)
-        self._log("train/loss", shown, prog_bar=True)
+        shown = torch.stack([loss_sum.detach(), units])
+        if self.trainer.world_size > 1:  # the loss of the whole step's batch, not this worker's share
+            shown = self.trainer.strategy.reduce(shown, reduce_op="sum")
+        self.log_metric("train/loss", self.total(shown[0], shown[1]), prog_bar=True)
+        self._log_parts("train", shown[0], shown[1])
         for name, value in metrics.items():
-            self._log(f"train/{name}", value)
-        self._log("train/lr", self.lr_schedulers().get_last_lr()[0], exact=True)
+            self.log_metric(f"train/{name}", value)
+        self.log_metric("train/lr", self.lr_schedulers().get_last_lr()[0], exact=True)
         # Monitored by the checkpoint callback to keep the newest; counts this step (global_step is pre-increment here).
-        self._log("trained_steps", self.global_step + 1)
+        self.log_metric("trained_steps", self.global_step + 1)
         return objective
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
@@ -202,59 +146,57 @@ class PostTrainingModule(pl.LightningModule):
 
     def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
         # Forward, backward and (at a window's end) the optimizer step of this batch; data loading excluded.
-        self._log("train/tokens_per_s", batch["attention_mask"].sum() / (time.perf_counter() - self._clock))
+        self.log_metric("train/tokens_per_s", batch["attention_mask"].sum() / (time.perf_counter() - self._clock))
 
     # ---- validation -------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
         self._val_sums = self._val_units = None
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        loss, metrics, units = self.step(self, batch)
-        if self.parts:  # summed per part; the epoch's per-part means are combined in on_validation_epoch_end
-            sums, units = (loss * units).detach().double(), units.double()
-            self._val_sums = sums if self._val_sums is None else self._val_sums + sums
-            self._val_units = units if self._val_units is None else self._val_units + units
-            return
-        # Weighted by tokens (or pairs), the epoch mean is the mean over the whole split.
-        n = int(units)
-        self._log("val/loss", loss, batch_size=n, prog_bar=True, sync_dist=True)
+        loss_sum, units, metrics = self.loss_fn(self.model, batch, self.ref_model)
+        # Summed over the split (per part), so the epoch's loss is the mean over every token (or pair) of it.
+        sums, units = loss_sum.detach().double(), units.double()
+        self._val_sums = sums if self._val_sums is None else self._val_sums + sums
+        self._val_units = units if self._val_units is None else self._val_units + units
         for name, value in metrics.items():
-            self._log(f"val/{name}", value, batch_size=n, sync_dist=True)
+            self.log_metric(f"val/{name}", value, batch_size=max(1, int(units.sum())), sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
-        if self.parts and self._val_sums is not None:
-            means = (self._val_sums / self._val_units.clamp(min=1)).float()
-            self._log("val/loss", self.combine(means), prog_bar=True)
-            for p, name in enumerate(self.parts):
-                self._log(f"val/{name}_loss", means[p])
+        if self._val_sums is not None:
+            self.log_metric("val/loss", self.total(self._val_sums, self._val_units).float(), prog_bar=True)
+            self._log_parts("val", self._val_sums, self._val_units)
         if self.trainer.sanity_checking:
             return
         self.last_validated_step = self.global_step
-        if self.cfg.val_generate_samples == 0 or not self.generates:
+        if self.cfg.val_generate_samples == 0 or self.objective.validate is None:
             return
-        if self.generates == "verdicts":
-            with self.full_weights():
-                self.validate_verdicts()
-            return
-        rows = self.val_set.rows[: self.cfg.val_generate_samples]
         with self.full_weights():
-            answers = self.generate([r["messages"] for r in rows])
+            generations = self.objective.validate(self)
+        if generations:
+            self.last_generations = generations
+            self._save_generations(generations)
+
+    def validate_answers(self) -> list[dict]:
+        """Greedy answers to the first --val-generate-samples validation prompts: edit distance to the reference,
+        accuracy where the reference has a final answer (GSM8K or MATH format), win rate with --calculate-win-rate."""
+        rows = self.val_set.rows[: self.cfg.val_generate_samples]
+        answers = self.generate([r["messages"] for r in rows])
         has_final = has_final_answer(rows[0]["reference"])  # GSM8K or MATH format: a final answer to check
-        self.last_generations = [
+        generations = [
             {"prompt": r["messages"][-2]["content"], "reference": r["reference"], "generated": a,
              "edit_distance": edit_distance(a, r["reference"]), "correct": answers_match(a, r["reference"]) if has_final else None}
             for r, a in zip(rows, answers)
         ]
-        self._log("val/edit_distance", sum(g["edit_distance"] for g in self.last_generations) / len(rows))
+        self.log_metric("val/edit_distance", sum(g["edit_distance"] for g in generations) / len(rows))
         if has_final:
-            self._log("val/accuracy", sum(g["correct"] for g in self.last_generations) / len(rows), prog_bar=True)
+            self.log_metric("val/accuracy", sum(g["correct"] for g in generations) / len(rows), prog_bar=True)
         if self.cfg.calculate_win_rate:  # against --win-rate-baseline's answers, judged by --win-rate-judge
             from win_rate import validation_win_rate
 
             result = validation_win_rate([r["messages"][:-1] for r in rows], answers, self.cfg.win_rate_baseline,
                                          self.cfg.win_rate_judge, self.cfg.run_dir / "win_rate", self._judges)
-            self._log("val/win_rate", result["win_rate"], prog_bar=True)
-        self._save_generations(self.last_generations)
+            self.log_metric("val/win_rate", result["win_rate"], prog_bar=True)
+        return generations
 
     def _save_generations(self, rows: list[dict]) -> None:
         """Every generated answer or verdict on disk, to read what the metrics summarise."""
@@ -262,38 +204,6 @@ class PostTrainingModule(pl.LightningModule):
             path = self.cfg.run_dir / "generations" / f"step-{self.global_step}.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("".join(json.dumps(g) + "\n" for g in rows))
-
-    def validate_verdicts(self) -> None:
-        """The validation verifier score, served as Best-of-N serves it: p("Yes") averaged over adaptive K sampled
-        rationales (--verifier-k-min, --verifier-k-max, --verifier-tau) on the first --val-generate-samples
-        verification rows, against their labels (AUC, accuracy at 0.5, mean per label, mean rationales used)."""
-        from extension.verifier import score_prompts
-
-        rows = [r for r in self.val_set.rows if r["part"] == "verify"][: self.cfg.val_generate_samples]
-        if not rows:
-            return
-        cfg = self.cfg
-        scores = score_prompts(
-            self.model, self.tokenizer, [generation_prompt_ids(self.tokenizer, r["messages"]) for r in rows],
-            k_min=cfg.verifier_k_min, k_max=cfg.verifier_k_max, tau=cfg.verifier_tau,
-            temperature=cfg.verifier_temperature, max_new_tokens=cfg.max_new_tokens,
-            prompts_per_batch=max(1, cfg.batch_size * 4 // cfg.verifier_k_min), seed=cfg.seed, progress=cfg.verbose)
-        labels = [r["label"] == "Yes" for r in rows]
-        values = [s.score for s in scores]
-        self.last_generations = [
-            {"prompt": r["messages"][0]["content"], "label": r["label"], "score": s.score, "normalized": s.normalized,
-             "p_yes": s.p_yes, "rationales": s.rationales, "reference": r["reference"]} for r, s in zip(rows, scores)
-        ]
-        self._log("val/verifier_accuracy", sum((v >= 0.5) == y for v, y in zip(values, labels)) / len(rows), prog_bar=True)
-        self._log("val/verifier_rationales", sum(len(s.p_yes) for s in scores) / len(scores))
-        area = auc(values, labels)
-        if area is not None:  # both labels present
-            self._log("val/verifier_auc", area)
-        for label, name in ((True, "yes"), (False, "no")):
-            group = [v for v, y in zip(values, labels) if y == label]
-            if group:
-                self._log(f"val/verifier_score_{name}", sum(group) / len(group))
-        self._save_generations(self.last_generations)
 
     def full_weights(self) -> contextlib.AbstractContextManager:
         """Generation calls the model outside its training forward: under FSDP its weights are gathered first (on

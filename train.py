@@ -17,7 +17,6 @@ Print the resolved configuration without running anything:
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -25,50 +24,28 @@ import sys
 import time
 from collections import Counter
 
-from collate_functions import (
-    INVALID_PROMPT,
-    ChatTemplateError,
-    PreferenceCollator,
-    SFTCollator,
-    VerifierCollator,
-    tokenize_pair,
-    tokenize_sft,
-    tokenize_verifier,
-)
+from collate_functions import INVALID_PROMPT, ChatTemplateError
 from config import ConfigError, TrainConfig, redact, resolve, save, to_yaml
 from custom_dataset import CustomDataset, DataError
 from distributed import full_state_dict, sync_run_files
-from losses.sft import VERIFIER_PARTS, genrm_combine
-from models import load_causal_lm, load_reward_model
-from module import bt_step, dpo_step, sft_step, verifier_step
-from precision import convert_to_fp8
+from losses.logprobs import compile_head
+from models import load_causal_lm
+from objectives import Objective, get_objective
+from precision import convert_to_fp8, enable_activation_checkpointing
 from storage import StorageError, fetch_checkpoint
 from storage import join as storage_join
 
 log = logging.getLogger("train")
 
-# What each training type runs: how a row becomes features, how features become a batch, which model is
-# trained, the step that turns a batch into a loss (module.py, with the loss itself in losses/), what validation
-# generates (answers checked against the reference, or verification verdicts scored against their labels), and
-# for a loss of several parts, their names and how they are weighed.
-TRAINING_TYPES = {
-    "sft": {"tokenize": tokenize_sft, "collator": SFTCollator, "model": load_causal_lm, "step": sft_step,
-            "generates": "answers"},
-    "dpo": {"tokenize": tokenize_pair, "collator": PreferenceCollator, "model": load_causal_lm, "step": dpo_step,
-            "generates": "answers"},
-    "bt": {"tokenize": tokenize_pair, "collator": PreferenceCollator, "model": load_reward_model, "step": bt_step,
-           "generates": None},
-    "sft_verifier": {"tokenize": tokenize_verifier, "collator": VerifierCollator, "model": load_causal_lm,
-                     "step": verifier_step, "generates": "verdicts", "parts": VERIFIER_PARTS,
-                     "combine": lambda cfg: functools.partial(genrm_combine, lam=cfg.lambda_)},
-}
+# What each --training-type trains (its data kind, tokenizer, collator, model, loss and validation) is its
+# Objective, in the one table objectives.OBJECTIVES; this file only runs it.
 
 
 def prepare_data(cfg: TrainConfig, tokenizer):
     """Load, select and tokenize the train and validation sets; report rows dropped or truncated."""
     from tqdm import tqdm
 
-    tokenize = TRAINING_TYPES[cfg.training_type]["tokenize"]
+    tokenize = get_objective(cfg.training_type).tokenize
     train_set, val_set = CustomDataset.splits(cfg)
     for split, dataset in (("train", train_set), ("test", val_set)):  # the test split validates
         if split == "test" and dataset is train_set:
@@ -92,8 +69,9 @@ def prepare_data(cfg: TrainConfig, tokenizer):
 
 
 def reference_model(cfg: TrainConfig, tokenizer, datasets: list[CustomDataset], collator):
-    """DPO's frozen reference (--ref-model-name, else the starting model), or None once its log-probs are
-    precomputed into the features (--precompute-ref-logps): then only the policy stays in memory."""
+    """The frozen reference of an objective that uses one (DPO: --ref-model-name, else the starting model), or None
+    once its log-probs are precomputed into the features (--precompute-ref-logps): then only the policy stays in
+    memory."""
     import torch
 
     from models import cache_dir, model_fingerprint
@@ -200,16 +178,20 @@ def run(cfg: TrainConfig, callbacks: list | None = None, ckpt: str | None = None
     save(cfg, cfg.run_dir)
     tokenizer = load_tokenizer(cfg.model_name)
     train_set, val_set = prepare_data(cfg, tokenizer)
-    kind = TRAINING_TYPES[cfg.training_type]
-    collator = kind["collator"](tokenizer.pad_token_id)
+    objective: Objective = get_objective(cfg.training_type)
     # The reference first: a --precompute-ref-logps pass then runs without the policy in memory.
-    ref_model = reference_model(cfg, tokenizer, [train_set, val_set], collator) if cfg.training_type == "dpo" else None
-    model = kind["model"](cfg.model_name)
-    if cfg.precision.startswith("transformer-engine"):
-        print(convert_to_fp8(model, "te").summary())  # layers FP8 cannot take are named, not skipped silently
-    module = PostTrainingModule(cfg, model, tokenizer, train_set, val_set, step=kind["step"], collator=collator,
-                                ref_model=ref_model, generates=kind["generates"], parts=kind.get("parts"),
-                                combine=kind["combine"](cfg) if "combine" in kind else None)
+    ref_model = None
+    if objective.uses_reference:
+        ref_model = reference_model(cfg, tokenizer, [train_set, val_set], objective.collator(tokenizer.pad_token_id))
+    model = objective.load_model(cfg.model_name)
+    fp8 = "te" if cfg.precision.startswith("transformer-engine") else None
+    if fp8:
+        print(convert_to_fp8(model, fp8).summary())  # layers FP8 cannot take are named, not skipped silently
+    if cfg.activation_checkpointing:
+        print(f"activation checkpointing: {enable_activation_checkpointing(model, fp8)} layers recompute in backward")
+    if cfg.compile_head:
+        compile_head(model)
+    module = PostTrainingModule(cfg, model, tokenizer, train_set, val_set, objective, ref_model=ref_model)
     trainer = build_trainer(cfg, model, callbacks, on_ray)
     results: dict = {"run_dir": cfg.storage_dir}
     started = time.time()
@@ -251,7 +233,7 @@ def main(argv: list[str] | None = None) -> dict | None:
             from distributed import run_on_ray
 
             print(redact(f"resolved config:\n{to_yaml(cfg)}") if cfg.verbose else f"run folder: {cfg.storage_dir}")
-            return run_on_ray(cfg)
+            return run_on_ray(cfg, run)
         return run(cfg)
     except (ConfigError, DataError, ChatTemplateError, OSError) as exc:
         print(f"train.py: {exc}", file=sys.stderr)

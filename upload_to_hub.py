@@ -30,7 +30,8 @@ from pathlib import Path
 import yaml
 
 import storage
-from config import TRAINING_TYPES, redact
+from config import flag_name, redact
+from objectives import TRAINING_TYPES, get_objective
 
 
 class ExportError(ValueError):
@@ -67,14 +68,14 @@ def read_checkpoint(ckpt: Path) -> dict:
 def load_checkpoint_model(ckpt: Path, checkpoint: dict, training_type: str):
     """(model, tokenizer, training config dict) rebuilt from a ``train.py`` checkpoint (``checkpoint``, read from
     ``ckpt``)."""
-    from models import load_causal_lm, load_reward_model, load_tokenizer
+    from models import load_tokenizer
 
     cfg = checkpoint.get("train_config")
     if cfg is None or "state_dict" not in checkpoint:
         raise ExportError(f"{ckpt}: not a train.py checkpoint (no train_config or state_dict)")
     if cfg["training_type"] != training_type:
         raise ExportError(f"--training-type {training_type}, but {ckpt} was trained as {cfg['training_type']}")
-    model = (load_reward_model if training_type == "bt" else load_causal_lm)(cfg["model_name"])
+    model = get_objective(training_type).load_model(cfg["model_name"])
     weights = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
     missing, unexpected = model.load_state_dict(weights, strict=False)
     tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
@@ -99,7 +100,7 @@ def final_metrics(ckpt: Path, checkpoint: dict) -> dict[str, float]:
 
 
 def model_card(cfg: dict, metrics: dict[str, float], training_type: str) -> str:
-    config = redact(yaml.safe_dump({k.rstrip("_").replace("_", "-"): v for k, v in cfg.items()}, sort_keys=False))
+    config = redact(yaml.safe_dump({flag_name(k)[2:]: v for k, v in cfg.items()}, sort_keys=False))
     lines = ["---", "library_name: transformers", "tags: [posttrain, " + training_type + "]", "---", "",
              f"# {training_type} model trained with posttrain", "",
              f"Trained from `{cfg['model_name']}` on `{cfg['dataset_name']}` with `train.py --training-type {training_type}`.", ""]

@@ -139,24 +139,20 @@ class RewardCache:
     """Rewards already paid for, keyed by judge, prompt and response; appended to a jsonl file as they come."""
 
     def __init__(self, path: Path, judge: str):
+        from resumable import read_rows
+
         self.path, self.judge, self.lock = path, judge, threading.Lock()
-        self.values: dict[str, float] = {}
-        if path.is_file():
-            for line in path.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                    self.values[row["key"]] = row["reward"]
-                except (json.JSONDecodeError, KeyError):
-                    continue  # a line cut by a crash
+        self.values: dict[str, float] = {row["key"]: row["reward"] for row in read_rows(path, keys=("key", "reward"))}
 
     def key(self, prompt: list[dict], response: str) -> str:
         return hashlib.sha256(json.dumps([self.judge, prompt, response]).encode()).hexdigest()
 
     def put(self, key: str, reward: float) -> None:
+        from resumable import append_rows
+
         with self.lock:
             self.values[key] = reward
-            with self.path.open("a") as handle:
-                handle.write(json.dumps({"key": key, "reward": reward}) + "\n")
+            append_rows(self.path, [{"key": key, "reward": reward}])
 
 
 def score_all(pairs: list[tuple[list[dict], str]], cache: RewardCache, judge, concurrency: int,
@@ -226,14 +222,13 @@ def validation_win_rate(prompts: list[list[dict]], answers: list[str], baseline_
 # ---- the script --------------------------------------------------------------------------------------------
 
 def read_answers(path: str) -> dict[str, dict]:
-    rows = {}
-    for number, line in enumerate(Path(path).read_text().splitlines()):
-        try:
-            row = json.loads(line)
-            rows[str(row["id"])] = {"prompt": row["prompt"], "completion": row["completion"]}
-        except (json.JSONDecodeError, KeyError) as exc:
-            raise ValueError(f"{path} line {number + 1}: not an inference.py row ({exc})") from exc
-    return rows
+    """{prompt, completion} by id of the rows inference.py wrote to ``path``."""
+    from resumable import read_rows
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such file (write it with inference.py)")
+    return {str(row["id"]): {"prompt": row["prompt"], "completion": row["completion"]}
+            for row in read_rows(Path(path), keys=("id", "prompt", "completion"))}
 
 
 def make_judge(kind: str, model: str | None) -> tuple[object, str]:

@@ -46,8 +46,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository, when run as bench/dpo_throughput.py
-from bench.sft_throughput import ROOT, StepClock, bench_parser, check_args, save_result, train_config  # noqa: E402  (also sets the offline env)
+from bench.sft_throughput import ROOT, StepClock, bench_parser, check_args, save_result, train_config  # also sets the offline env
+from config import flag_name
 
 RUNS = ("ours-live", "precompute", "ours-precomputed", "trl")  # subprocesses, in this order; "precompute" is untimed
 TARGET_VS_TRL = 1.0  # ours (live reference) / TRL, pairs/s
@@ -104,12 +104,13 @@ def measure_precompute(args: argparse.Namespace) -> dict[str, Any]:
     """train.py's reference pass alone (load the reference, score every train and validation pair, write the cache)."""
     import train
     from models import load_tokenizer
+    from objectives import DPO
 
     with tempfile.TemporaryDirectory(prefix="dpo-bench-precompute-") as storage:
         cfg = dpo_config(args, storage, precomputed=True)
         tokenizer = load_tokenizer(cfg.model_name)
         train_set, val_set = train.prepare_data(cfg, tokenizer)
-        collator = train.TRAINING_TYPES["dpo"]["collator"](tokenizer.pad_token_id)
+        collator = DPO.collator(tokenizer.pad_token_id)
         started = time.perf_counter()
         train.reference_model(cfg, tokenizer, [train_set, val_set], collator)
         seconds = time.perf_counter() - started
@@ -206,7 +207,7 @@ def run_all(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     results = {}
     with tempfile.TemporaryDirectory(prefix="dpo-bench-") as folder:
         env = {**os.environ, "POSTTRAIN_CACHE": str(Path(folder) / "cache")}
-        settings = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("only", "out")]
+        settings = [f"{flag_name(k)}={v}" for k, v in vars(args).items() if k not in ("only", "out")]
         for only in RUNS:
             out = Path(folder) / f"{only}.json"
             command = [sys.executable, __file__, *settings, "--only", only, "--out", str(out)]

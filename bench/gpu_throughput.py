@@ -1,9 +1,11 @@
 """GPU training throughput of SFT and DPO steps: tokens/s, MFU and peak memory, bf16 against FP8.
 
-The model has Qwen2.5-0.5B's architecture (24 layers, hidden 896, 14 query / 2 key-value heads, MLP 4864,
-vocabulary 151,936, tied embeddings), built from its config with random weights: weights do not change
-throughput, and nothing is downloaded (``--config Qwen/Qwen2.5-0.5B`` reads the real config from the hub
-instead). Sequences are full length (no padding) of random tokens; the first half of each is the prompt (no
+The model has the architecture of Qwen2.5-0.5B (24 layers, hidden 896, 14 query / 2 key-value heads, MLP 4864,
+vocabulary 151,936, tied embeddings), 1.5B (28 layers, hidden 1536, MLP 8960) or 3B (36 layers, hidden 2048, MLP
+11008) as ``--model`` says, built from its config with random weights: weights do not change throughput, and
+nothing is downloaded (``--config Qwen/Qwen2.5-1.5B`` reads a real config from the hub instead). FP8 pays only
+where the GEMMs are wide enough for the FP8 tensor cores to win back the casts and scaling: ``--gemms`` measures
+that per layer shape, and the 1.5B and 3B rows show it for whole steps. Sequences are full length (no padding) of random tokens; the first half of each is the prompt (no
 loss), so the output head runs on the answer half only, as in our trainer (``losses.logprobs.token_logprobs``).
 
 A step is what our trainer does in ``--precision bf16-true``: forward, loss, backward and a fused AdamW step
@@ -33,13 +35,10 @@ import argparse
 import gc
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 for var, value in (("HF_HUB_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
     os.environ.setdefault(var, value)
 
@@ -48,12 +47,16 @@ import torch  # noqa: E402
 from losses.dpo import dpo_loss, sequence_logps  # noqa: E402
 from losses.logprobs import IGNORE_INDEX, head_logprobs, token_logprobs  # noqa: E402
 from losses.sft import sft_loss  # noqa: E402
-from precision import convert_to_fp8, fp8_context, import_te, te_recipe  # noqa: E402
+from precision import convert_to_fp8, enable_activation_checkpointing, fp8_context, import_te, te_recipe  # noqa: E402
 
-# Qwen/Qwen2.5-0.5B's config.json (the fields that shape compute).
-QWEN25_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                  num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rope_theta=1000000.0,
-                  rms_norm_eps=1e-6, tie_word_embeddings=True, hidden_act="silu")
+# The config.json fields that shape compute, of Qwen/Qwen2.5-0.5B, -1.5B and -3B (all tie their embeddings).
+_QWEN25 = dict(num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rope_theta=1000000.0,
+               rms_norm_eps=1e-6, tie_word_embeddings=True, hidden_act="silu")
+MODELS = {
+    "qwen2.5-0.5b": dict(_QWEN25, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14),
+    "qwen2.5-1.5b": dict(_QWEN25, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12),
+    "qwen2.5-3b": dict(_QWEN25, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16),
+}
 PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.4, "H200": 989.4, "GH200": 989.4, "A100": 312.0}
 DPO_BETA = 0.1
 DEVICE = "cuda"  # a module global so a CPU smoke run of the step code can swap it
@@ -62,7 +65,7 @@ DEVICE = "cuda"  # a module global so a CPU smoke run of the step code can swap 
 def model_config(args: argparse.Namespace):
     from transformers import AutoConfig, Qwen2Config
 
-    config = AutoConfig.from_pretrained(args.config) if args.config else Qwen2Config(**QWEN25_05B)
+    config = AutoConfig.from_pretrained(args.config) if args.config else Qwen2Config(**MODELS[args.model])
     config.use_cache = False
     return config
 
@@ -107,9 +110,8 @@ def build(args: argparse.Namespace, precision: str, checkpointing: bool, backend
     plan = None
     if precision == "fp8":
         plan = convert_to_fp8(model, backend)
-    if checkpointing:
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if checkpointing:  # train.py's --activation-checkpointing: under Transformer Engine, through te.checkpoint
+        enable_activation_checkpointing(model, backend if precision == "fp8" else None)
     if args.compile:
         for layer in model.get_decoder().layers:
             layer.compile()
@@ -138,7 +140,8 @@ def loss_of(kind: str, model, batch: dict, context, reference: torch.Tensor | No
 
 def measure(args: argparse.Namespace, kind: str, precision: str, seq: int, micro_batch: int, checkpointing: bool,
             backend: str) -> dict[str, Any]:
-    row: dict[str, Any] = {"kind": kind, "precision": precision if precision == "bf16" else f"fp8 ({backend})",
+    row: dict[str, Any] = {"model": args.config or args.model, "kind": kind,
+                           "precision": precision if precision == "bf16" else f"fp8 ({backend})",
                            "seq_len": seq, "micro_batch": micro_batch, "checkpointing": checkpointing,
                            "compiled": args.compile, "compiled_head": args.compile_head}
     model = optimizer = None
@@ -147,7 +150,7 @@ def measure(args: argparse.Namespace, kind: str, precision: str, seq: int, micro
         if plan is not None:
             row["fp8_layers"], row["fp8_skipped"] = len(plan.convert), plan.skipped
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-        recipe = te_recipe() if precision == "fp8" and backend == "te" else None
+        recipe = te_recipe(scaling=args.fp8_recipe) if precision == "fp8" and backend == "te" else None
         fp8 = backend if precision == "fp8" else None
         context = lambda: fp8_context(fp8, recipe)  # noqa: E731  (a fresh context manager per forward)
         batch = make_batch(kind, micro_batch, seq, model.config.vocab_size)
@@ -190,11 +193,15 @@ def measure(args: argparse.Namespace, kind: str, precision: str, seq: int, micro
     return row
 
 
-# (layer, in features, out features) of the linear layers: the 0.5B model measured above, and Qwen2.5-7B's for
+# (layer, in features, out features) of the linear layers of the --model architectures, and Qwen2.5-7B's for
 # comparison (hidden 3584, MLP 18944, 4 key-value heads of 128).
 GEMM_SHAPES = {
     "Qwen2.5-0.5B": [("q_proj, o_proj", 896, 896), ("k_proj, v_proj", 896, 128), ("gate_proj, up_proj", 896, 4864),
                      ("down_proj", 4864, 896)],
+    "Qwen2.5-1.5B": [("q_proj, o_proj", 1536, 1536), ("k_proj, v_proj", 1536, 256), ("gate_proj, up_proj", 1536, 8960),
+                     ("down_proj", 8960, 1536)],
+    "Qwen2.5-3B": [("q_proj, o_proj", 2048, 2048), ("k_proj, v_proj", 2048, 256), ("gate_proj, up_proj", 2048, 11008),
+                   ("down_proj", 11008, 2048)],
     "Qwen2.5-7B": [("q_proj, o_proj", 3584, 3584), ("k_proj, v_proj", 3584, 512), ("gate_proj, up_proj", 3584, 18944),
                    ("down_proj", 18944, 3584)],
 }
@@ -279,15 +286,15 @@ def compiled_label(row: dict[str, Any]) -> str:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| step | precision | seq | micro-batch | act. ckpt | compiled | tokens/s | MFU | peak GiB |",
-             "|---|---|---:|---:|---|---|---:|---:|---:|"]
+    lines = ["| model | step | precision | seq | micro-batch | act. ckpt | compiled | tokens/s | MFU | peak GiB |",
+             "|---|---|---|---:|---:|---|---|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
             result = f"{r['error']} | | "
         else:
             mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
             result = f"{r['tokens_per_s']:,} | {mfu} | {r['peak_memory_gib']}"
-        lines.append(f"| {r['kind']} | {r['precision']} | {r['seq_len']} | {r['micro_batch']} | "
+        lines.append(f"| {r.get('model', 'qwen2.5-0.5b')} | {r['kind']} | {r['precision']} | {r['seq_len']} | {r['micro_batch']} | "
                      f"{'on' if r['checkpointing'] else 'off'} | {compiled_label(r)} | {result} |")
     return "\n".join(lines)
 
@@ -299,7 +306,9 @@ def csv(kind):
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--config", default=None, help="A hub id or folder whose config to use (default: Qwen2.5-0.5B's, built in).")
+    parser.add_argument("--model", choices=sorted(MODELS), default="qwen2.5-0.5b",
+                        help="The architecture measured (random weights; built in, nothing downloaded).")
+    parser.add_argument("--config", default=None, help="A hub id or folder whose config to use instead of --model's.")
     parser.add_argument("--kinds", type=csv(str), default=["sft", "dpo"], help="Steps to measure: sft,dpo.")
     parser.add_argument("--seq-lens", type=csv(int), default=[1024, 2048], help="Sequence lengths.")
     parser.add_argument("--precisions", type=csv(str), default=["bf16", "fp8"], help="bf16,fp8.")
@@ -307,6 +316,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tokens-per-step", type=int, default=16384, help="Micro-batch = this / sequence length.")
     parser.add_argument("--micro-batches", type=csv(int), default=None, help="Sequences per micro-batch (overrides --tokens-per-step).")
     parser.add_argument("--fp8-backend", choices=("auto", "te", "torchao"), default="auto")
+    parser.add_argument("--fp8-recipe", choices=("current", "delayed"), default="current",
+                        help="Transformer Engine scaling (train.py's --fp8-recipe).")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile each decoder layer.")
     parser.add_argument("--compile-head", action=argparse.BooleanOptionalAction, default=False,
                         help="torch.compile the output head and its log-softmax as one graph (losses.logprobs.head_logprobs).")

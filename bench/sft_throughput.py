@@ -38,12 +38,11 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # the repository's modules, when run as bench/sft_throughput.py
 for var, value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
     os.environ.setdefault(var, value)
 
-from collate_functions import IGNORE_INDEX, target_count  # noqa: E402  (needs ROOT on sys.path)
-from config import TrainConfig, resolve  # noqa: E402
+from collate_functions import IGNORE_INDEX, target_count  # noqa: E402  (after the offline env)
+from config import TrainConfig, flag_name, resolve  # noqa: E402
 
 WARMUP_STEPS = 2  # optimizer steps run before the clock starts: allocator growth, first-call overheads
 TEST_ROWS = 8  # our trainer needs a validation split; it is only used after the timed steps
@@ -189,7 +188,7 @@ def run_both(args: argparse.Namespace) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="sft-bench-") as folder:
         for only in ("ours", "trl"):
             out = Path(folder) / f"{only}.json"
-            settings = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("only", "out")]
+            settings = [f"{flag_name(k)}={v}" for k, v in vars(args).items() if k not in ("only", "out")]
             command = [sys.executable, __file__, *settings, "--only", only, "--out", str(out)]
             print(f"running {only}: {' '.join(command)}", flush=True)
             subprocess.run(command, check=True, cwd=ROOT)

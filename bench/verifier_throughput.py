@@ -13,7 +13,7 @@ loop (``extension.verifier.RationaleSampler``), greedy so that every way does ex
 - naive per sample: one sample at a time from scratch (batch of one).
 
 Part 2, adaptive K: --k-max rationales (temperature --temperature) for each of --candidates candidates, then adaptive
-K (``losses.sft.adaptive_k``: groups of --k-min, stop once the variance of p("Yes") < --tau) replayed on the same
+K (``extension.verifier.adaptive_k``: groups of --k-min, stop once the variance of p("Yes") < --tau) replayed on the same
 samples. Reported: mean rationales adaptive K uses, how often its decision (score >= 0.5) agrees with fixed
 K = --k-max, and both AUCs. Target: at most half the rationales, at least 95% agreement.
 
@@ -27,13 +27,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from config import VERIFIER_K_MAX, VERIFIER_K_MIN, VERIFIER_TAU, VERIFIER_TEMPERATURE
+
 for var, value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
     os.environ.setdefault(var, value)
 
@@ -47,10 +45,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prompts", type=int, default=8, help="Part 1: candidates.")
     parser.add_argument("--k", type=int, default=8, help="Part 1: rationales per candidate.")
     parser.add_argument("--candidates", type=int, default=48, help="Part 2: candidates.")
-    parser.add_argument("--k-min", type=int, default=8, help="Part 2: adaptive K's group size.")
-    parser.add_argument("--k-max", type=int, default=32, help="Part 2: the fixed K compared with.")
-    parser.add_argument("--tau", type=float, default=0.05, help="Part 2: adaptive K's variance threshold.")
-    parser.add_argument("--temperature", type=float, default=0.7, help="Part 2: sampling temperature of rationales.")
+    parser.add_argument("--k-min", type=int, default=VERIFIER_K_MIN, help="Part 2: adaptive K's group size.")
+    parser.add_argument("--k-max", type=int, default=VERIFIER_K_MAX, help="Part 2: the fixed K compared with.")
+    parser.add_argument("--tau", type=float, default=VERIFIER_TAU, help="Part 2: adaptive K's variance threshold.")
+    parser.add_argument("--temperature", type=float, default=VERIFIER_TEMPERATURE,
+                        help="Part 2: sampling temperature of rationales.")
     parser.add_argument("--max-new-tokens", type=int, default=160, help="Rationale budget.")
     parser.add_argument("--prompts-per-batch", type=int, default=8, help="Part 2: candidates decoded together.")
     parser.add_argument("--skip", choices=("throughput", "adaptive"), default=None, help="Leave one part out.")
@@ -154,7 +153,7 @@ def replay(streams: list[list[float]], labels: list[bool], k_min: int, k_max: in
     """Adaptive K replayed on K_max-long p("Yes") streams, against fixed K = K_max. Decisions are compared at 0.5
     (``decision_agreement``) and at the threshold that best separates the labels under fixed K
     (``balanced_agreement``: a score of 0.5 means little for a verifier whose scores are all high)."""
-    from losses.sft import adaptive_k
+    from extension.verifier import adaptive_k
     from metrics import auc
 
     ks = [adaptive_k(stream, k_min, k_max, tau) for stream in streams]

@@ -15,7 +15,7 @@ candidates of a problem):
 
 Also the verifier's AUC over all labeled candidates (raw p("Yes"), the score used to pick, and the normalized
 Yes / (Yes + No)). With --compare-fixed-k every candidate gets K_max rationales: adaptive K is replayed on the
-same samples (``losses.sft.adaptive_k``), giving its mean rationales and how often its decision (score >= 0.5)
+same samples (``extension.verifier.adaptive_k``), giving its mean rationales and how often its decision (score >= 0.5)
 and its pick agree with fixed K = K_max.
 
 Every stage is saved as it goes under --output-dir (candidates.jsonl, scores.jsonl) and skipped on a rerun, so an
@@ -34,15 +34,16 @@ import argparse
 import gzip
 import json
 import random
-import sys
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
-
-from losses.sft import adaptive_k  # noqa: E402
-from metrics import auc  # noqa: E402
+from config import VERIFIER_K_MAX, VERIFIER_K_MIN, VERIFIER_TAU, VERIFIER_TEMPERATURE, ConfigError
+from custom_dataset import DataError
+from extension.verifier import adaptive_k
+from math_problems import load_problems
+from metrics import auc
+from resumable import append_rows, read_rows, save_or_check_settings
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,19 +56,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mixed-only", action="store_true",
                         help="With --candidates: keep only questions that have both correct and incorrect candidates.")
     parser.add_argument("--dataset", default="synthetic-math",
-                        help="Problems for --generator: synthetic-math, a GSM8K-format file, or a hub id ('openai/gsm8k:main').")
+                        help="Problems for --generator: the test split, as train.py splits it, of synthetic-math, a GSM8K-format "
+                             "file or folder, or a hub id ('openai/gsm8k:main').")
     parser.add_argument("--synthetic-levels", default="1,2,3", help="synthetic-math levels (as for train.py).")
     parser.add_argument("--num-problems", type=int, default=30, help="Problems evaluated (the first ones).")
     parser.add_argument("--n", type=int, default=8, help="Candidates per problem: the largest N, a power of 2.")
     parser.add_argument("--gen-temperature", type=float, default=0.8, help="Sampling temperature of the candidates.")
     parser.add_argument("--gen-max-new-tokens", type=int, default=128, help="Token budget of a candidate.")
     parser.add_argument("--gen-batch-size", type=int, default=4, help="Problems per generation batch.")
-    parser.add_argument("--k-min", type=int, default=8, help="Adaptive K: group size and fewest rationales.")
-    parser.add_argument("--k-max", type=int, default=32, help="Adaptive K: most rationales.")
-    parser.add_argument("--tau", type=float, default=0.05, help="Adaptive K: stop when the variance of p('Yes') is below.")
+    parser.add_argument("--k-min", type=int, default=VERIFIER_K_MIN, help="Adaptive K: group size and fewest rationales.")
+    parser.add_argument("--k-max", type=int, default=VERIFIER_K_MAX, help="Adaptive K: most rationales.")
+    parser.add_argument("--tau", type=float, default=VERIFIER_TAU,
+                        help="Adaptive K: stop when the variance of p('Yes') is below.")
     parser.add_argument("--compare-fixed-k", action="store_true",
                         help="Sample K_max rationales per candidate and replay adaptive K on them: agreement with fixed K.")
-    parser.add_argument("--verifier-temperature", type=float, default=0.7, help="Sampling temperature of rationales.")
+    parser.add_argument("--verifier-temperature", type=float, default=VERIFIER_TEMPERATURE,
+                        help="Sampling temperature of rationales.")
     parser.add_argument("--verifier-max-new-tokens", type=int, default=192, help="Token budget of a rationale.")
     parser.add_argument("--prompts-per-batch", type=int, default=8, help="Candidates verified together.")
     parser.add_argument("--seed", type=int, default=42,
@@ -88,29 +92,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # ---- candidates ------------------------------------------------------------------------------------------
 
-def load_problems(dataset: str, levels: str, num_problems: int, seed: int) -> list[dict]:
-    """{question_id, question, reference} of the first ``num_problems`` problems; ``reference`` ends with '#### N'."""
-    import datasets
-
-    if dataset == "synthetic-math":
-        import synthetic_math
-
-        levels_ = tuple(int(v) for v in levels.split(","))
-        rows = synthetic_math.build_dataset(0, num_problems, seed=seed, levels=levels_)["test"]
-        return [{"question_id": r["id"], "question": r["question"], "reference": r["answer"]} for r in rows]
-    path = Path(dataset)
-    if path.is_file():
-        split = datasets.load_dataset("json" if path.suffix in (".json", ".jsonl") else "parquet", data_files=str(path))["train"]
-    else:
-        repo, _, subset = dataset.partition(":")
-        split = datasets.load_dataset(repo, subset or None)["test"]
-    missing = {"question", "answer"} - set(split.column_names)
-    if missing:
-        raise SystemExit(f"best_of_n.py: --dataset {dataset} lacks GSM8K column(s) {sorted(missing)}")
-    return [{"question_id": str(i), "question": r["question"], "reference": r["answer"]}
-            for i, r in zip(range(num_problems), split)]
-
-
 def final_answer(solution: str, reference: str) -> tuple[str, bool]:
     """The final answer math-verify reads in ``solution`` and whether it equals the reference's."""
 
@@ -127,8 +108,8 @@ def generate_candidates(args: argparse.Namespace, path: Path) -> None:
     from collate_functions import generation_prompt_ids
     from models import generate_from_prompts, load_causal_lm, load_tokenizer
 
-    problems = load_problems(args.dataset, args.synthetic_levels, args.num_problems, args.seed)
-    done = {row["question_id"] for row in read_jsonl(path)}
+    problems = load_problems(args.dataset, "test", args.num_problems, args.seed, args.synthetic_levels)
+    done = {row["question_id"] for row in read_rows(path, keys=("question_id",))}
     todo = [p for p in problems if p["question_id"] not in done]
     if not todo:
         return
@@ -136,22 +117,21 @@ def generate_candidates(args: argparse.Namespace, path: Path) -> None:
 
     torch.manual_seed(args.seed + len(done))
     model, tokenizer = load_causal_lm(args.generator).to(device()), load_tokenizer(args.generator)
-    with path.open("a") as out:
-        for start in tqdm(range(0, len(todo), args.gen_batch_size), desc="sampling candidates", unit="batch"):
-            batch = todo[start:start + args.gen_batch_size]
-            prompts = [generation_prompt_ids(tokenizer, [{"role": "user", "content": p["question"]},
-                                                         {"role": "assistant", "content": ""}]) for p in batch]
-            # top_k=0: only --gen-temperature shapes the sampling, not Hugging Face's default top_k of 50.
-            answers = generate_from_prompts(model, tokenizer, prompts, args.gen_max_new_tokens, do_sample=True,
-                                            temperature=args.gen_temperature, top_k=0, num_return_sequences=args.n)
-            for i, problem in enumerate(batch):
-                candidates = []
-                for solution in answers[i * args.n:(i + 1) * args.n]:
-                    answer, correct = final_answer(solution, problem["reference"])
-                    candidates.append({"solution": solution, "answer": answer, "correct": correct})
-                out.write(json.dumps({"question_id": problem["question_id"], "question": problem["question"],
-                                      "candidates": candidates}) + "\n")
-                out.flush()
+    for start in tqdm(range(0, len(todo), args.gen_batch_size), desc="sampling candidates", unit="batch"):
+        batch = todo[start:start + args.gen_batch_size]
+        prompts = [generation_prompt_ids(tokenizer, [{"role": "user", "content": p["question"]},
+                                                     {"role": "assistant", "content": ""}]) for p in batch]
+        # top_k=0: only --gen-temperature shapes the sampling, not Hugging Face's default top_k of 50.
+        answers = generate_from_prompts(model, tokenizer, prompts, args.gen_max_new_tokens, do_sample=True,
+                                        temperature=args.gen_temperature, top_k=0, num_return_sequences=args.n)
+        rows = []
+        for i, problem in enumerate(batch):
+            candidates = []
+            for solution in answers[i * args.n:(i + 1) * args.n]:
+                answer, correct = final_answer(solution, problem["reference"])
+                candidates.append({"solution": solution, "answer": answer, "correct": correct})
+            rows.append({"question_id": problem["question_id"], "question": problem["question"], "candidates": candidates})
+        append_rows(path, rows)
 
 
 def read_labeled_candidates(source: Path, num_problems: int, n: int, seed: int = 0,
@@ -223,18 +203,6 @@ def read_labeled_candidates(source: Path, num_problems: int, n: int, seed: int =
     return chosen
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut by a crash: redone on this run
-            break
-    return rows
-
-
 def device() -> str:
     import torch
 
@@ -250,26 +218,23 @@ def score_candidates(args: argparse.Namespace, problems: list[dict], path: Path)
     from extension.verifier import score_solutions
     from models import load_causal_lm, load_tokenizer
 
-    scored = {(r["question_id"], r["index"]): r for r in read_jsonl(path)}
+    scored = {(r["question_id"], r["index"]): r for r in read_rows(path, keys=("question_id", "index"))}
     todo = [(p["question_id"], i, p["question"], c["solution"]) for p in problems
             for i, c in enumerate(p["candidates"]) if (p["question_id"], i) not in scored]
     if todo:
         model = load_causal_lm(args.verifier).to(device()).eval()
         tokenizer = load_tokenizer(args.verifier)
         k_min = args.k_max if args.compare_fixed_k else args.k_min
-        with path.open("a") as out:
-            for start in tqdm(range(0, len(todo), args.prompts_per_batch), desc="verifying candidates", unit="batch"):
-                batch = todo[start:start + args.prompts_per_batch]
-                scores = score_solutions(model, tokenizer, [q for _, _, q, _ in batch], [s for _, _, _, s in batch],
-                                         k_min=k_min, k_max=args.k_max, tau=args.tau,
-                                         temperature=args.verifier_temperature, max_new_tokens=args.verifier_max_new_tokens,
-                                         prompts_per_batch=args.prompts_per_batch, seed=args.seed + len(scored) + start)
-                for (qid, index, _, _), score in zip(batch, scores):
-                    row = {"question_id": qid, "index": index, "p_yes": score.p_yes, "p_normalized": score.p_normalized,
-                           "rationale": score.rationales[0]}
-                    scored[(qid, index)] = row
-                    out.write(json.dumps(row) + "\n")
-                out.flush()
+        for start in tqdm(range(0, len(todo), args.prompts_per_batch), desc="verifying candidates", unit="batch"):
+            batch = todo[start:start + args.prompts_per_batch]
+            scores = score_solutions(model, tokenizer, [q for _, _, q, _ in batch], [s for _, _, _, s in batch],
+                                     k_min=k_min, k_max=args.k_max, tau=args.tau,
+                                     temperature=args.verifier_temperature, max_new_tokens=args.verifier_max_new_tokens,
+                                     prompts_per_batch=args.prompts_per_batch, seed=args.seed + len(scored) + start)
+            rows = [{"question_id": qid, "index": index, "p_yes": score.p_yes, "p_normalized": score.p_normalized,
+                     "rationale": score.rationales[0]} for (qid, index, _, _), score in zip(batch, scores)]
+            scored.update({(row["question_id"], row["index"]): row for row in rows})
+            append_rows(path, rows)
     return scored
 
 
@@ -382,34 +347,24 @@ RESUME_SETTINGS = ("verifier", "generator", "candidates", "mixed_only", "dataset
                    "verifier_max_new_tokens", "seed")
 
 
-def check_settings(args: argparse.Namespace, path: Path) -> None:
-    """Record the settings of a new --output-dir; refuse to resume one made with other settings."""
-    settings = {k: getattr(args, k) for k in RESUME_SETTINGS}
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}" for k, v in settings.items() if saved.get(k) != v]
-        if changed:
-            raise SystemExit(f"best_of_n.py: --output-dir {path.parent} holds results made with other settings "
-                             f"({'; '.join(changed)}): use another --output-dir")
-    else:
-        path.write_text(json.dumps(settings, indent=2) + "\n")
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     started = time.time()
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    check_settings(args, out / "settings.json")
-    if args.candidates:
-        problems = read_labeled_candidates(Path(args.candidates), args.num_problems, args.n, args.seed, args.mixed_only)
-        if not problems:
-            raise SystemExit(f"best_of_n.py: --candidates {args.candidates}: no question has {args.n} candidates"
-                             + (" with both correct and incorrect ones (--mixed-only)" if args.mixed_only else ""))
-    else:
-        generate_candidates(args, out / "candidates.jsonl")
-        problems = read_jsonl(out / "candidates.jsonl")[: args.num_problems]
-    scored = score_candidates(args, problems, out / "scores.jsonl")
+    try:
+        save_or_check_settings(out / "settings.json", {k: getattr(args, k) for k in RESUME_SETTINGS}, "--output-dir", out)
+        if args.candidates:
+            problems = read_labeled_candidates(Path(args.candidates), args.num_problems, args.n, args.seed, args.mixed_only)
+            if not problems:
+                raise SystemExit(f"best_of_n.py: --candidates {args.candidates}: no question has {args.n} candidates"
+                                 + (" with both correct and incorrect ones (--mixed-only)" if args.mixed_only else ""))
+        else:
+            generate_candidates(args, out / "candidates.jsonl")
+            problems = read_rows(out / "candidates.jsonl")[: args.num_problems]
+        scored = score_candidates(args, problems, out / "scores.jsonl")
+    except (ConfigError, DataError) as exc:
+        raise SystemExit(f"best_of_n.py: {exc}") from None
     results = report(args, problems, scored)
     results["minutes"] = round((time.time() - started) / 60, 2)
     write_outputs(results, out)

@@ -44,10 +44,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# Run as `python extension/data_preparation.py` from the repo root: put the root on sys.path for synthetic_math.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import synthetic_math  # noqa: E402
+import synthetic_math
 
 VERIFY_PROMPT = "Verification: Let's verify step by step."
 VERDICT = "Verification: Is the answer correct (Yes/No)?"

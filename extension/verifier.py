@@ -1,7 +1,7 @@
 """Serving a GenRM-CoT verifier: sample verification rationales from one shared prefill per prompt, read p("Yes").
 
 ``score_solutions`` is the entry point: it builds the verification prompt of each (question, solution), and hands
-``losses.sft.compute_verifier_scores`` (the adaptive-K loop) a ``RationaleSampler`` that draws its groups.
+``compute_verifier_scores`` (the adaptive-K loop) a ``RationaleSampler`` that draws its groups.
 
 How one group of rationales is drawn (``RationaleSampler``):
 
@@ -17,17 +17,127 @@ How one group of rationales is drawn (``RationaleSampler``):
 
 from __future__ import annotations
 
-import sys
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere: the repo root's modules
+from config import VERIFIER_K_MAX, VERIFIER_K_MIN, VERIFIER_TAU, VERIFIER_TEMPERATURE
+from extension.data_preparation import VERDICT, build_prompt
 
-from extension.data_preparation import VERDICT, build_prompt  # noqa: E402
-from losses.sft import VerifierScore, compute_verifier_scores, yes_probabilities  # noqa: E402
+# ---- the score: p("Yes") after a rationale, averaged over an adaptive number of rationales ----------------
 
+def yes_probabilities(logits: torch.Tensor, yes_id: int, no_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The verifier's verdict at the position after "Is the answer correct (Yes/No)?":
+
+        p_yes = softmax(logits)[Yes]                  (r_CoT of the paper, eq. 5: the score used everywhere)
+        p_normalized = p_yes / (p_yes + p_no)          (reported beside it; ignores mass on other tokens)
+
+    Args:
+        logits: (N, V) next-token logits, upcast to float32.
+
+    Returns:
+        p_yes (N,), p_normalized (N,).
+    """
+    probs = torch.softmax(logits.float(), dim=-1)
+    p_yes, p_no = probs[:, yes_id], probs[:, no_id]
+    return p_yes, p_yes / (p_yes + p_no).clamp(min=torch.finfo(torch.float32).tiny)
+
+
+@dataclass
+class VerifierScore:
+    """The verdicts of K sampled rationales on one (problem, solution) and their mean (r_MajV@K, eq. 6)."""
+
+    p_yes: list[float]
+    p_normalized: list[float]
+    rationales: list[str] = field(default_factory=list)
+
+    @property
+    def k(self) -> int:
+        return len(self.p_yes)
+
+    @property
+    def score(self) -> float:
+        """r_MajV@K = (1 / K) * sum_k p_yes_k: the verifier's score."""
+        return sum(self.p_yes) / len(self.p_yes)
+
+    @property
+    def normalized(self) -> float:
+        """The mean of Yes / (Yes + No), for comparison."""
+        return sum(self.p_normalized) / len(self.p_normalized)
+
+    @property
+    def variance(self) -> float:
+        return p_yes_variance(self.p_yes)
+
+
+def p_yes_variance(values: list[float]) -> float:
+    """Population variance (1 / K) * sum (p_k - mean)^2 of the p("Yes") values so far (0 for one value)."""
+    mean = sum(values) / len(values)
+    return sum((v - mean) ** 2 for v in values) / len(values)
+
+
+def should_stop(values: list[float], k_min: int, k_max: int, tau: float) -> bool:
+    """Adaptive K's rule: stop at K_max, or from K_min on as soon as the variance of p("Yes") is below tau."""
+    return len(values) >= k_max or (len(values) >= k_min and p_yes_variance(values) < tau)
+
+
+def adaptive_k(values: list[float], k_min: int, k_max: int, tau: float) -> int:
+    """How many of ``values`` (a stream of p("Yes") samples) the adaptive loop of ``compute_verifier_scores``
+    would have used: the first group boundary (K_min, 2 K_min, ..., K_max) at which ``should_stop`` holds.
+    Lets one run of K_max samples tell what adaptive K would have decided on the same samples."""
+    k = 0
+    while True:
+        k = min(k + k_min, k_max, len(values))
+        if should_stop(values[:k], k_min, k_max, tau) or k == len(values):
+            return k
+
+
+# A sampler draws ``n`` more rationales for each of the given prompt indices and returns, per index, their
+# (p_yes, p_normalized, rationale text) triples.
+Sampler = Callable[[list[int], int], list[list[tuple[float, float, str]]]]
+
+
+def compute_verifier_scores(sample: Sampler, n_prompts: int, k_min: int = VERIFIER_K_MIN, k_max: int = VERIFIER_K_MAX,
+                            tau: float = VERIFIER_TAU) -> list[VerifierScore]:
+    """r_MajV@K with adaptive K for ``n_prompts`` verification prompts.
+
+    Rationales are drawn in groups of K_min for every prompt still undecided; a prompt stops as soon as the
+    variance of its p("Yes") values is below tau, or at K_max (the last group is cut to fit). Prompts are
+    sampled together, so a group is one batched call of ``sample`` (``extension.verifier.RationaleSampler``
+    decodes the group from one shared prefill of each prompt).
+
+    Args:
+        sample: draws rationales; tests script it.
+        n_prompts: prompts are the indices 0..n_prompts-1 of ``sample``.
+        k_min: group size and the fewest rationales per prompt (8 in our users' runs).
+        k_max: the most rationales per prompt (32).
+        tau: the variance threshold (0.05).
+
+    Returns:
+        One ``VerifierScore`` per prompt, with every sampled verdict.
+    """
+    if not 1 <= k_min <= k_max:
+        raise ValueError(f"need 1 <= K_min <= K_max, got K_min={k_min}, K_max={k_max}")
+    if tau < 0:
+        raise ValueError(f"tau must be 0 or more, got {tau}")
+    scores = [VerifierScore([], []) for _ in range(n_prompts)]
+    active = list(range(n_prompts))
+    while active:
+        n = min(k_min, k_max - scores[active[0]].k)  # active prompts advance in step: all have the same K
+        drawn = sample(active, n)
+        for index, samples in zip(active, drawn, strict=True):
+            if len(samples) != n:
+                raise ValueError(f"the sampler returned {len(samples)} rationales for prompt {index}, not {n}")
+            for p_yes, p_normalized, text in samples:
+                scores[index].p_yes.append(float(p_yes))
+                scores[index].p_normalized.append(float(p_normalized))
+                scores[index].rationales.append(text)
+        active = [i for i in active if not should_stop(scores[i].p_yes, k_min, k_max, tau)]
+    return scores
+
+
+# ---- drawing rationales ------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class VerdictTokens:
@@ -92,7 +202,7 @@ class RationaleSampler:
         seed: seeds the sampling (a ``torch.Generator`` on the model's device).
     """
 
-    def __init__(self, model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 256, temperature: float = 0.7,
+    def __init__(self, model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 256, temperature: float = VERIFIER_TEMPERATURE,
                  share_prefix: bool = True, seed: int = 0):
         if not prompts or any(len(p) < 2 for p in prompts):
             raise ValueError("every verification prompt needs at least 2 tokens")
@@ -100,15 +210,12 @@ class RationaleSampler:
         self.max_new_tokens, self.temperature, self.share_prefix = max_new_tokens, temperature, share_prefix
         self.device = next(model.parameters()).device
         self.verdict = verdict_tokens(tokenizer)
-        self.stop_ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")} - {None, tokenizer.unk_token_id}
+        from models import left_pad, stop_token_ids
+
+        self.stop_ids = stop_token_ids(tokenizer)
         self.generator = torch.Generator(self.device).manual_seed(seed)
-        width = max(len(p) for p in prompts)
-        self.ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)  # (P, W) left-padded
-        self.mask = torch.zeros_like(self.ids)
-        for row, p in enumerate(prompts):
-            self.ids[row, width - len(p):] = torch.tensor(p)
-            self.mask[row, width - len(p):] = 1
-        self.ids, self.mask = self.ids.to(self.device), self.mask.to(self.device)
+        ids, mask = left_pad(prompts, tokenizer.pad_token_id)  # (P, W)
+        self.ids, self.mask = ids.to(self.device), mask.to(self.device)
         self.prompt_tokens_run = 0  # prompt tokens the model processed: each prompt once when shared
         self.prefix = self._prefill(torch.arange(len(prompts), device=self.device)) if share_prefix else None
 
@@ -188,13 +295,13 @@ class RationaleSampler:
         return results, generated
 
 
-def score_prompts(model, tokenizer, prompts: list[list[int]], k_min: int = 8, k_max: int = 32, tau: float = 0.05,
-                  temperature: float = 0.7, max_new_tokens: int = 256, prompts_per_batch: int = 8, seed: int = 0,
+def score_prompts(model, tokenizer, prompts: list[list[int]], k_min: int = VERIFIER_K_MIN, k_max: int = VERIFIER_K_MAX,
+                  tau: float = VERIFIER_TAU, temperature: float = VERIFIER_TEMPERATURE, max_new_tokens: int = 256, prompts_per_batch: int = 8, seed: int = 0,
                   share_prefix: bool = True, progress: bool = False) -> list[VerifierScore]:
     """Verifier scores (r_MajV@K, adaptive K) of verification prompts (token ids), ``prompts_per_batch`` at a time:
     one ``RationaleSampler`` (one prefill) per batch, whose groups decode up to prompts_per_batch * K_min rows.
 
-    See ``losses.sft.compute_verifier_scores`` for K_min, K_max and tau, ``RationaleSampler`` for the rest.
+    See ``compute_verifier_scores`` for K_min, K_max and tau, ``RationaleSampler`` for the rest.
     """
     from tqdm import tqdm
 

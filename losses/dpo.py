@@ -21,7 +21,8 @@ def sequence_logps(token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-             ref_rejected: torch.Tensor, beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+             ref_rejected: torch.Tensor, beta: float, reduction: str = "mean"
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DPO loss, Rafailov et al. 2023, eq. 7:
 
         L = -E[ log sigmoid( beta * (log pi(y_w|x) - log pi_ref(y_w|x)) - beta * (log pi(y_l|x) - log pi_ref(y_l|x)) ) ]
@@ -33,10 +34,12 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
         policy_chosen, policy_rejected: (B,) log pi of the chosen (y_w) and rejected (y_l) responses.
         ref_chosen, ref_rejected: (B,) the same under the frozen reference (no gradient flows into them).
         beta: the temperature; larger beta keeps the policy closer to the reference.
+        reduction: "mean" (L above) or "sum" over the pairs, as in ``bt_loss``.
 
     Returns:
-        The mean loss, and metrics: ``rewards/chosen``, ``rewards/rejected`` (means), ``rewards/margin``
+        The loss, and metrics: ``rewards/chosen``, ``rewards/rejected`` (means), ``rewards/margin``
         (mean r_w - r_l) and ``rewards/accuracy`` (share of pairs with r_w > r_l).
     """
     # DPO is the Bradley-Terry loss on the implicit rewards.
-    return bt_loss(beta * (policy_chosen - ref_chosen.detach()), beta * (policy_rejected - ref_rejected.detach()))
+    return bt_loss(beta * (policy_chosen - ref_chosen.detach()), beta * (policy_rejected - ref_rejected.detach()),
+                   reduction)

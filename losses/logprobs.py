@@ -46,18 +46,27 @@ def head_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Te
     return gather_logprobs(head(hidden), targets)
 
 
+def compile_head(model: torch.nn.Module) -> None:
+    """Make every ``token_logprobs`` of ``model`` use ``head_logprobs`` compiled by ``torch.compile`` (--compile-head):
+    the projection, float32 upcast and log-softmax run as one graph that never writes the float32 logits. Compiled
+    for any number of selected positions (``dynamic=True``), so batches of other sizes reuse the graph."""
+    model.logprob_head = torch.compile(head_logprobs, dynamic=True)
+
+
 def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   labels: torch.Tensor, head_fn=head_logprobs) -> tuple[torch.Tensor, torch.Tensor]:
+                   labels: torch.Tensor, head_fn=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log p(label | prefix) of a causal LM, computing the vocabulary projection only where labels are.
 
     The output head is the largest matrix of a small model (49k x 576 for SmolLM2); skipping it on
     prompt and padding positions saves memory and time without changing any value. ``head_fn`` computes
-    the log-probabilities of the selected positions (``head_logprobs`` or a compiled version of it).
+    the log-probabilities of the selected positions: by default ``head_logprobs``, or its compiled version where
+    ``compile_head(model)`` set one.
 
     Returns:
         logps (B, T-1), 0 where masked; mask (B, T-1) bool.
     """
     targets, mask = shift_labels(labels)
+    head_fn = head_fn or getattr(model, "logprob_head", head_logprobs)
     head = model.get_output_embeddings()
     if head is None or any(getattr(model.config, name, None) not in (None, 1, 1.0) for name in LOGIT_TRANSFORMS):
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]  # (B, T-1, V)

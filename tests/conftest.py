@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import string
 import subprocess
@@ -17,6 +18,10 @@ import pytorch_lightning as pl
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# What SIGTERM and SIGINT do in the pytest process at the start of the session (conftest is imported once, before
+# any test): tests that start Ray in-process put these back (tests/test_ray.py).
+STARTUP_SIGNAL_HANDLERS = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
 
 SPECIALS = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
 CHATML = (

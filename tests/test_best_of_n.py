@@ -200,6 +200,7 @@ def test_mixed_only_needs_candidates(capsys):
     assert "--mixed-only selects among labeled --candidates" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_best_of_n_run_writes_its_report_and_resumes(tmp_path, tiny_model_dir, capsys):
     args = ["--verifier", str(tiny_model_dir), "--candidates", str(_collection(tmp_path)), "--num-problems", "2",
             "--n", "4", "--k-min", "2", "--k-max", "4", "--compare-fixed-k", "--verifier-max-new-tokens", "4",
@@ -216,3 +217,23 @@ def test_best_of_n_run_writes_its_report_and_resumes(tmp_path, tiny_model_dir, c
     assert (out / "scores.jsonl").read_text() == scores and again["table"] == results["table"]
     with pytest.raises(SystemExit, match="--k-max 4 -> 8"):
         best_of_n.main([*args, "--k-max", "8"])
+    # A bad line before the last is not a crash's torn line: the run stops naming it, and keeps every row.
+    lines = scores.splitlines(keepends=True)
+    (out / "scores.jsonl").write_text(lines[0][:20] + "\n" + "".join(lines[1:]))
+    with pytest.raises(SystemExit, match=r"scores.jsonl line 1 is not valid JSON"):
+        best_of_n.main(args)
+    assert len((out / "scores.jsonl").read_text().splitlines()) == 8
+
+
+def test_generated_candidates_are_for_the_held_out_problems():
+    """--generator's problems are train.py's test split: for synthetic-math, the first problems of the stream,
+    which the SFT and DPO runs with the same seed held out, however many are asked for."""
+    import synthetic_math
+    from math_problems import load_problems
+
+    for n in (3, 250):  # more than train.py's 200 test rows too
+        problems = load_problems("synthetic-math", "test", n, seed=42, synthetic_levels="1,2")
+        rows = synthetic_math.build_dataset(0, n, seed=42, levels=(1, 2))["test"]
+        assert [(p["question_id"], p["question"], p["reference"]) for p in problems] == \
+            [(r["id"], r["question"], r["answer"]) for r in rows]
+    assert problems[0]["gold_answer"] == rows[0]["answer"].rsplit("####", 1)[1].strip()

@@ -1,4 +1,6 @@
-"""Exact SFT label masks, padding, and the length-grouped resumable sampler."""
+"""Exact SFT label masks (single-turn, multi-turn and system-prompt chats: which positions are learned, that the
+assistant's end-of-turn token is, the newline after it is not), padding, the objectives' loss units, and the
+length-grouped resumable sampler (its accumulation windows and rank sharding)."""
 
 from __future__ import annotations
 
@@ -6,11 +8,14 @@ import torch
 
 from collate_functions import (
     IGNORE_INDEX,
+    BatchPlan,
     LengthGroupedBatchSampler,
+    PlannedDataset,
     SFTCollator,
     generation_prompt_ids,
     tokenize_chat,
 )
+from objectives import SFT
 
 
 def _learned(tokenizer, feature):
@@ -63,7 +68,14 @@ def test_collator_pads_right_and_masks_padding():
     torch.testing.assert_close(batch["input_ids"], torch.tensor([[5, 6, 7], [8, 9, 0]]))
     torch.testing.assert_close(batch["attention_mask"], torch.tensor([[1, 1, 1], [1, 1, 0]]))
     torch.testing.assert_close(batch["labels"], torch.tensor([[-100, 6, 7], [-100, 9, -100]]))
-    assert int(batch["window_units"]) == 3
+    assert [SFT.units(f) for f in features] == [2, 1]  # the SFT loss averages over answer tokens (not position 0)
+
+
+def test_planned_batches_carry_their_windows_units():
+    features = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8, 9], "labels": [-100, 9]}]
+    batch = PlannedDataset(features, SFTCollator(pad_token_id=0))[BatchPlan(indices=(1,), window_units=7)]
+    torch.testing.assert_close(batch["input_ids"], torch.tensor([[8, 9]]))
+    assert int(batch["window_units"]) == 7
 
 
 def _sampler(**kw):

@@ -1,4 +1,6 @@
-"""Flags, YAML precedence, validation messages and redaction of the run configuration."""
+"""The run configuration: the full flag set, YAML precedence (defaults < YAML < flags), every validation message
+naming its flag, every --strategy x --precision combination's verdict locally and under Ray, redaction of secrets,
+and docs/configuration.md being the generated reference of the current fields."""
 
 from __future__ import annotations
 
@@ -214,3 +216,14 @@ def test_fp8_recipe_is_a_choice(capsys):
     with pytest.raises(SystemExit):
         resolve(["--fp8-recipe", "dynamic", "--name", "x"])
     assert "--fp8-recipe: invalid choice: 'dynamic'" in capsys.readouterr().err
+
+
+def test_configuration_reference_is_current():
+    """docs/configuration.md is generated from TrainConfig; a field added or changed without regenerating it fails."""
+    from pathlib import Path
+
+    from config import reference_markdown
+
+    doc = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
+    assert doc.read_text() == reference_markdown(), "docs/configuration.md is stale: run `python config.py`"
+    assert "`--lambda`" in doc.read_text() and "`--verifier-tau`" in doc.read_text()

@@ -136,18 +136,18 @@ def test_inference_refuses_a_corrupt_line_before_the_last_and_keeps_every_row(tm
     with pytest.raises(SystemExit):
         inference.main(["--model-name", "m", "--prompts", str(_prompts(tmp_path, 3)), "--output", str(out),
                         "--max-new-tokens", "4"])
-    assert f"--output {out} line 2 is not an inference.py row" in capsys.readouterr().err
+    assert f"{out} line 2 is not valid JSON" in capsys.readouterr().err
     assert out.read_text() == before  # the row after the bad line is still there
 
 
 @pytest.mark.parametrize(("flags", "named"), [
-    (["--n", "2"], "--n 1 there, 2 now"),
-    (["--temperature", "0.5"], "--temperature 0.9 there, 0.5 now"),
-    (["--top-p", "0.8"], "--top-p 1.0 there, 0.8 now"),
-    (["--max-new-tokens", "5"], "--max-new-tokens 4 there, 5 now"),
-    (["--seed", "7"], "--seed 42 there, 7 now"),
-    (["--no-chat-template"], "--chat-template/--no-chat-template True there, False now"),
-    (["--model-name", "other"], "--model-name 'm' there, 'other' now"),
+    (["--n", "2"], "--n 1 -> 2"),
+    (["--temperature", "0.5"], "--temperature 0.9 -> 0.5"),
+    (["--top-p", "0.8"], "--top-p 1.0 -> 0.8"),
+    (["--max-new-tokens", "5"], "--max-new-tokens 4 -> 5"),
+    (["--seed", "7"], "--seed 42 -> 7"),
+    (["--no-chat-template"], "--chat-template True -> False"),
+    (["--model-name", "other"], "--model-name 'm' -> 'other'"),
 ])
 def test_inference_refuses_to_resume_with_other_generation_settings(tmp_path, capsys, flags, named):
     out = tmp_path / "out.jsonl"
@@ -159,7 +159,7 @@ def test_inference_refuses_to_resume_with_other_generation_settings(tmp_path, ca
     with pytest.raises(SystemExit):
         inference.main([*args, *flags])
     err = capsys.readouterr().err
-    assert f"--output {out} holds answers generated with other settings ({named})" in err
+    assert f"--output {out} holds rows made with other settings ({named})" in err
     assert len(out.read_text().splitlines()) == 2
 
 
@@ -290,6 +290,7 @@ def reward_model_dir(tiny_model_dir, tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 def test_win_rate_with_the_local_judge_and_during_validation(tmp_path, tiny_model_dir, reward_model_dir, tiny_run_args):
     from models import load_reward_model, load_tokenizer, score_responses
 
@@ -325,6 +326,7 @@ def test_win_rate_with_the_local_judge_and_during_validation(tmp_path, tiny_mode
 
 # ---- export and upload ------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_export_reloads_with_the_checkpoints_logits_and_upload_pushes_that_folder(tmp_path, tiny_run_args, monkeypatch):
     from transformers import AutoModelForCausalLM
 
@@ -400,6 +402,7 @@ def _assert_exports_the_checkpoint(folder, state):
     torch.testing.assert_close(exported.model.layers[1].mlp.down_proj.weight, state["model.model.layers.1.mlp.down_proj.weight"])
 
 
+@pytest.mark.slow
 def test_export_from_a_ray_run_folder_locally_and_on_s3(tmp_path, tiny_run_args, s3_env):
     """A Ray run keeps checkpoint_<time>/checkpoint.ckpt (the newest one is exported) and its logs elsewhere, so the
     model card's metrics come from the checkpoint itself."""

@@ -152,7 +152,7 @@ def test_rerun_with_other_sampling_settings_is_refused(tiny_model_dir, problems_
     gen.main(_args(tiny_model_dir, problems_file, out))
     with pytest.raises(SystemExit):
         gen.main(_args(tiny_model_dir, problems_file, out, "--temperature", "0.5"))
-    assert "--temperature 0.5 (earlier run: 0.8)" in capsys.readouterr().err
+    assert f"--output-dir {out} holds rows made with other settings (--temperature 0.8 -> 0.5)" in capsys.readouterr().err
 
 
 def test_output_loads_as_dpo_data(tiny_model_dir, problems_file, tmp_path, monkeypatch):

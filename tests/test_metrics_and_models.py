@@ -55,3 +55,32 @@ def test_tokenizer_without_chat_template_gets_chatml(tiny_model_dir, tmp_path):
     (tmp_path / "chat_template.jinja").unlink(missing_ok=True)
     loaded = models.load_tokenizer(str(tmp_path))
     assert loaded.chat_template == models.CHATML_TEMPLATE
+
+
+def test_left_pad_puts_every_prompt_against_the_right_edge():
+    import torch
+
+    ids, mask = models.left_pad([[5, 6, 7], [8], [9, 10]], pad_id=0)
+    assert ids.dtype == mask.dtype == torch.long
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8], [0, 9, 10]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 1, 1]]
+
+
+def test_stop_token_ids_are_eos_and_chatml_end_of_turn():
+    """The character tokenizer's eos is <|im_end|> itself: one id. A tokenizer without <|im_end|> maps it to its
+    unk id (or None), which never counts as a stop."""
+    from conftest import make_char_tokenizer
+
+    tokenizer = make_char_tokenizer()
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert models.stop_token_ids(tokenizer) == {im_end}
+    tokenizer.eos_token = "x"
+    assert models.stop_token_ids(tokenizer) == {tokenizer.convert_tokens_to_ids("x"), im_end}
+
+    class NoChatML:
+        eos_token_id, unk_token_id = 2, 1
+
+        def convert_tokens_to_ids(self, token):
+            return self.unk_token_id
+
+    assert models.stop_token_ids(NoChatML()) == {2}

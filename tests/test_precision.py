@@ -1,15 +1,18 @@
-"""FP8 layer selection (precision.fp8_plan) on CPU: which linear layers FP8 can take, and why the others stay.
-The FP8 step itself needs a GPU: tests/test_gpu.py."""
+"""FP8 layer selection (precision.fp8_plan) and conversion (convert_to_fp8) on CPU: which linear layers FP8 can
+take, why the others stay, and that exactly those are swapped with their weights. Transformer Engine and torchao are
+faked here; the FP8 step itself needs a GPU: tests/test_gpu.py."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
 import sys
 import types
 
 import pytest
+import torch
 
 import precision
 from precision import FP8_BACKENDS, convert_to_fp8, fp8_context, fp8_plan
@@ -94,23 +97,85 @@ def test_an_explicit_cudnn_home_is_left_alone(monkeypatch):
     assert os.environ["CUDNN_HOME"] == "/opt/my-cudnn"
 
 
-# 25-step window means of tests/test_gpu.py's copy task, measured on an H100 on 2026-11-24 (docs/benchmarks.md).
-H100_BF16 = [5.542, 5.397, 4.153, 0.419, 0.029, 0.019, 0.018, 0.017, 0.017, 0.016, 0.016, 0.015]
-H100_DYNAMIC = [5.542, 5.394, 4.17, 0.448, 0.03, 0.019, 0.018, 0.017, 0.017, 0.016, 0.016, 0.015]  # torchao, TE current
-H100_DELAYED = [5.541, 5.42, 4.804, 0.943, 0.037, 0.019, 0.018, 0.017, 0.016, 0.016, 0.016, 0.015]
+class FakeTeLinear(torch.nn.Module):
+    """Stands in for ``transformer_engine.pytorch.Linear``: its constructor, NaN weights until copied, a plain forward."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, params_dtype=None, device=None):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.full((out_features, in_features), float("nan"), dtype=params_dtype,
+                                                    device=device))
+        self.bias = torch.nn.Parameter(torch.full((out_features,), float("nan"), dtype=params_dtype,
+                                                  device=device)) if bias else None
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight, self.bias)
 
 
-def test_gpu_tracking_criterion_on_the_measured_curves():
-    """The GPU test's criterion (tests/test_gpu.py), checked here on the curves it was measured with: dynamic
-    scaling tracks in every window; delayed scaling fails the every-window rule at the collapse and passes its own;
-    a curve that collapses two windows late, or drifts after the collapse, fails."""
-    from tests.test_gpu import tracking_problems
+@pytest.fixture
+def fake_te(monkeypatch):
+    te = types.ModuleType("transformer_engine.pytorch")
+    te.Linear = FakeTeLinear
+    monkeypatch.setenv("CUDNN_HOME", "/opt/my-cudnn")  # import_te loads no library
+    monkeypatch.setitem(sys.modules, "transformer_engine", types.ModuleType("transformer_engine"))
+    monkeypatch.setitem(sys.modules, "transformer_engine.pytorch", te)
+    return te
 
-    assert tracking_problems(H100_BF16, H100_DYNAMIC, None) == []
-    assert tracking_problems(H100_BF16, H100_DYNAMIC, "current") == []
-    assert tracking_problems(H100_BF16, H100_DELAYED, None) == ["window 75-100: bf16 0.419, fp8 0.943"]  # as on the H100
-    assert tracking_problems(H100_BF16, H100_DELAYED, "delayed") == []
-    late = H100_DELAYED[:3] + [4.5, 3.0, 0.9] + H100_DELAYED[6:]
-    assert tracking_problems(H100_BF16, late, "delayed")[0] == "FP8 collapsed in window 5, bf16 in 3"
-    drift = H100_DELAYED[:8] + [0.2] + H100_DELAYED[9:]
-    assert tracking_problems(H100_BF16, drift, "delayed") == ["window 200-225: bf16 0.017, fp8 0.200"]
+
+def test_te_conversion_swaps_exactly_the_planned_layers_and_keeps_their_weights(fake_te, caplog):
+    """bf16 Llama, hidden 64, MLP 88, biased attention: the 8 attention projections become TE layers holding the same
+    weights and biases in bf16 (the logits do not change; a weight left uncopied would make them NaN), the MLP and the
+    tied head are the same modules as before, and the plan is logged."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=88, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, attention_bias=True,
+                                         tie_word_embeddings=True)).bfloat16()
+    ids = torch.randint(0, 100, (2, 12))
+    with torch.no_grad():
+        before = model(ids).logits
+    kept = {name: model.get_submodule(name) for name in fp8_plan(model).skipped}
+    caplog.set_level(logging.INFO, logger="precision")
+    plan = convert_to_fp8(model, "te")
+    converted = {name: m for name, m in model.named_modules() if isinstance(m, FakeTeLinear)}
+    assert sorted(converted) == sorted(plan.convert) == sorted(f"model.layers.{i}.self_attn.{p}_proj"
+                                                               for i in range(2) for p in "qkvo")
+    assert all(m.weight.dtype == m.bias.dtype == torch.bfloat16 for m in converted.values())
+    assert all(model.get_submodule(name) is module for name, module in kept.items())
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)
+    assert plan.summary() in caplog.text
+
+
+def test_a_plain_torch_model_has_no_head_to_keep(fake_te):
+    """Without ``get_output_embeddings`` only shapes decide: the top-level 32 -> 48 layer (no bias) converts, the
+    nested 48 -> 8 one (8 < 16) stays."""
+    model = torch.nn.Sequential(torch.nn.Linear(32, 48, bias=False), torch.nn.Sequential(torch.nn.ReLU(),
+                                                                                         torch.nn.Linear(48, 8)))
+    plan = convert_to_fp8(model, "te")
+    assert plan.convert == ["0"] and list(plan.skipped) == ["1.1"] and "shape 8x48" in plan.skipped["1.1"]
+    assert plan.summary().startswith("FP8: 1 linear layers converted, 1 kept in high precision")
+    assert isinstance(model[0], FakeTeLinear) and model[0].bias is None and type(model[1][1]) is torch.nn.Linear
+
+
+def test_torchao_is_asked_to_convert_only_the_planned_layers(monkeypatch):
+    """torchao's convert_to_float8_training (faked) gets the tensorwise recipe and a filter that admits the plan's
+    layers and no other: not the misaligned MLP, not the head."""
+    seen = {}
+
+    class Float8LinearConfig:
+        from_recipe_name = staticmethod(lambda name: f"recipe {name}")
+
+    def convert_to_float8_training(model, config, module_filter_fn):
+        seen["config"] = config
+        seen["admitted"] = sorted(name for name, m in model.named_modules()
+                                  if isinstance(m, torch.nn.Linear) and module_filter_fn(m, name))
+
+    float8 = types.ModuleType("torchao.float8")
+    float8.Float8LinearConfig, float8.convert_to_float8_training = Float8LinearConfig, convert_to_float8_training
+    monkeypatch.setitem(sys.modules, "torchao", types.ModuleType("torchao"))
+    monkeypatch.setitem(sys.modules, "torchao.float8", float8)
+    plan = convert_to_fp8(tiny_llama(64, 88), "torchao")
+    assert len(plan.convert) == 8
+    assert seen == {"config": "recipe tensorwise", "admitted": sorted(plan.convert)}

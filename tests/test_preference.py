@@ -16,7 +16,8 @@ from config import resolve
 from custom_dataset import CustomDataset, DataError
 from losses.dpo import sequence_logps
 from losses.logprobs import token_logprobs
-from module import PostTrainingModule, dpo_step, precompute_reference_logps
+from module import PostTrainingModule, precompute_reference_logps
+from objectives import DPO
 
 
 def _toy_pairs(n: int) -> list[dict]:
@@ -90,7 +91,7 @@ def test_preference_collator_puts_chosen_rows_first():
     torch.testing.assert_close(batch["labels"], torch.tensor(
         [[-100, 2, 3, -100], [-100, 6, -100, -100], [-100, 4, -100, -100], [-100, -100, 8, 9]]))
     torch.testing.assert_close(batch["ref_logps"], torch.tensor([-1.0, -3.0, -2.0, -4.0]))
-    assert int(batch["window_units"]) == 2  # the DPO loss averages over pairs
+    assert [DPO.units(f) for f in features] == [1, 1]  # the DPO loss averages over pairs
 
 
 def _pairs_dataset(tokenizer, n=6):
@@ -108,8 +109,14 @@ def _module(tiny_model_dir, char_tokenizer, tmp_path, dataset, ref=True):
         for p in policy.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir) if ref else None
-    return PostTrainingModule(_cfg(tmp_path, "--beta", "0.5"), policy, char_tokenizer, dataset, dataset, step=dpo_step,
-                              collator=PreferenceCollator(char_tokenizer.pad_token_id), ref_model=reference)
+    return PostTrainingModule(_cfg(tmp_path, "--beta", "0.5"), policy, char_tokenizer, dataset,
+                              dataset, DPO, ref_model=reference)
+
+
+def dpo_step(module, batch):
+    """The module's DPO loss on one batch, as a mean over its pairs: (loss, metrics, pairs)."""
+    loss_sum, pairs, metrics = module.loss_fn(module.model, batch, module.ref_model)
+    return loss_sum / pairs, metrics, pairs
 
 
 def test_concatenated_forward_equals_separate_passes(tiny_model_dir, char_tokenizer, tmp_path):
@@ -168,6 +175,7 @@ def _toy_run(tiny_model_dir, tmp_path, training_type, *flags):
     return train.main(args)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precompute", [False, True], ids=["live-reference", "precomputed-reference"])
 def test_short_dpo_run_raises_held_out_reward_accuracy(tiny_model_dir, tmp_path, precompute):
     results = _toy_run(tiny_model_dir, tmp_path, "dpo", "--beta", "0.5",
@@ -178,6 +186,7 @@ def test_short_dpo_run_raises_held_out_reward_accuracy(tiny_model_dir, tmp_path,
     assert after["val/rewards/margin"] > 0
 
 
+@pytest.mark.slow
 def test_short_bt_run_separates_chosen_from_rejected(tiny_model_dir, tmp_path):
     from models import load_reward_model, score_responses
 

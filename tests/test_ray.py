@@ -23,6 +23,8 @@ import torch
 
 ray = pytest.importorskip("ray")
 
+from conftest import STARTUP_SIGNAL_HANDLERS  # noqa: E402
+
 import storage  # noqa: E402
 import train  # noqa: E402
 
@@ -36,6 +38,22 @@ def ray_local():
     """One local Ray instance for the in-process runs of this module, stopped after them."""
     yield
     ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def startup_signal_handlers():
+    """ray.init sets a SIGTERM handler that raises SystemExit, and TorchTrainer.fit a SIGINT handler that aborts the
+    run through its controller actor; ray.shutdown removes neither, so a later SIGTERM or Ctrl-C would not do in this
+    pytest process what it did at the start. Put the session's handlers back once the module-scoped Ray runs are set
+    up (they run before this fixture) and after every test."""
+
+    def restore():
+        for sig, handler in STARTUP_SIGNAL_HANDLERS.items():
+            signal.signal(sig, handler)
+
+    restore()
+    yield
+    restore()
 
 
 def tiny_args(model: Path, storage_path: str, name: str, *extra: str) -> list[str]:
@@ -195,11 +213,12 @@ def test_ray_job_submit_on_a_local_cluster_with_secrets_in_the_job_env(tiny_mode
     # A loopback cluster of the test's own: Ray 2.60's token authentication is switched off for it.
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dashboard = s.getsockname()[1]
+    with socket.socket() as a, socket.socket() as b:  # Ray's default 6379 may be another cluster's on this machine
+        a.bind(("127.0.0.1", 0))
+        b.bind(("127.0.0.1", 0))
+        port, dashboard = a.getsockname()[1], b.getsockname()[1]
     ray_cli = [str(bin_dir / "ray")]
-    start = subprocess.run([*ray_cli, "start", "--head", "--node-ip-address", "127.0.0.1", "--num-cpus", "2",
+    start = subprocess.run([*ray_cli, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "2",
                             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--disable-usage-stats"],
                            env=env, capture_output=True, text=True, timeout=180)
     assert start.returncode == 0, start.stdout + start.stderr
@@ -223,3 +242,9 @@ def test_ray_job_submit_on_a_local_cluster_with_secrets_in_the_job_env(tiny_mode
     finally:
         subprocess.run([*ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
         shutil.rmtree(tmp_path / "job", ignore_errors=True)
+
+
+def test_the_in_process_ray_runs_leave_sigterm_and_sigint_as_they_were(runs):
+    """After the in-process Ray runs (``runs``; last in this module, after the others too), SIGTERM and SIGINT are
+    handled as when the session started."""
+    assert {sig: signal.getsignal(sig) for sig in STARTUP_SIGNAL_HANDLERS} == STARTUP_SIGNAL_HANDLERS

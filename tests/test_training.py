@@ -1,4 +1,6 @@
-"""End-to-end invariants of training on the tiny model: accumulation, resume, learning, test mode."""
+"""End-to-end invariants of training on the tiny model through train.run: batch 4 equals batch 1 with 4 accumulation
+steps (the window loss and every gradient), a crash and a resume reproduce the uninterrupted loss curve step by step
+(mid-epoch, same next batch), a short run lowers the validation loss, and --mode test evaluates without training."""
 
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ def _run(args, *extra, callbacks=()):
     return train.run(cfg, callbacks=list(callbacks))
 
 
+@pytest.mark.slow
 def test_batch_of_four_equals_four_accumulated_batches_of_one(tiny_run_args):
     """One optimizer step over the same 4 rows of different lengths: the window loss (sum of answer-token
     NLL / answer tokens of the window) and every gradient agree."""
@@ -42,6 +45,7 @@ def test_batch_of_four_equals_four_accumulated_batches_of_one(tiny_run_args):
         torch.testing.assert_close(small.grads[0][name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow
 def test_resume_after_a_crash_continues_the_same_loss_curve(tiny_run_args):
     """32 rows, batch 4: 8 steps per epoch, 16 in two epochs. A run crashes after step 11 (epoch 1, batch 3),
     before that step's checkpoint is written (Lightning runs checkpoint callbacks last), so it resumes from
@@ -58,6 +62,7 @@ def test_resume_after_a_crash_continues_the_same_loss_curve(tiny_run_args):
                                rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_short_run_lowers_validation_loss_and_keeps_checkpoints(tiny_run_args, tmp_path):
     results = _run(tiny_run_args, "--max-epochs", "3", "--eval-before-training", "--ckpt-to-keep", "2")
     assert results["after"]["val/loss"] < results["before"]["val/loss"] - 0.5
@@ -88,6 +93,7 @@ def test_missing_checkpoint_is_a_clear_error(tiny_run_args, capsys):
     assert "--resume-from-checkpoint last:" in err and "tiny/checkpoints/last.ckpt: no checkpoint there" in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags", [["--strategy", "ddp"], ["--strategy", "fsdp"], ["--precision", "bf16-true"],
                                    ["--precision", "bf16-mixed"]], ids=["ddp", "fsdp", "bf16-true", "bf16-mixed"])
 def test_strategies_and_precisions_train(tiny_run_args, flags):

@@ -1,4 +1,8 @@
-"""GenRM-CoT: the two-part loss, p("Yes"), the adaptive-K loop, shared-prefix sampling and the verifier's data."""
+"""GenRM-CoT: the two-part loss by hand (lambda 0, 0.1 and 1, and over an accumulation window), p("Yes") against a
+manual softmax and against a from-scratch forward pass, the adaptive-K loop driven by a scripted sampler (stops at
+K_min when samples agree, grows to K_max when they do not, never beyond), shared-prefix sampling against per-sample
+prompts, the verifier's data, batch 4 = 4 accumulated batches of 1, and a tiny verifier trained through train.run
+scoring held-out correct solutions above incorrect ones."""
 
 from __future__ import annotations
 
@@ -7,7 +11,8 @@ import math
 import pytest
 import torch
 
-from losses.sft import adaptive_k, compute_verifier_scores, genrm_loss, p_yes_variance, yes_probabilities
+from extension.verifier import adaptive_k, compute_verifier_scores, p_yes_variance, yes_probabilities
+from losses.sft import genrm_loss, genrm_part_sums
 from metrics import auc
 
 # ---- the loss ---------------------------------------------------------------------------------------------
@@ -25,21 +30,37 @@ def _genrm_batch():
     return logps, mask, part
 
 
+def test_genrm_part_sums_by_hand():
+    """S_verify = 1 + 2 + 3 = 6 over 3 tokens, S_correct = 0.5 + 1.5 = 2 over 2 tokens."""
+    sums, tokens = genrm_part_sums(*_genrm_batch())
+    torch.testing.assert_close(sums, torch.tensor([6.0, 2.0]))
+    assert tokens.tolist() == [3, 2]
+
+
 @pytest.mark.parametrize(("lam", "expected"), [(0.0, 2.0), (0.1, 2.1), (1.0, 3.0)])
 def test_genrm_loss_by_hand(lam, expected):
-    """L = L_verify + lambda * L_correct = 2.0 + lambda * 1.0."""
-    loss, metrics = genrm_loss(*_genrm_batch(), lam)
+    """L = L_verify + lambda * L_correct = 6 / 3 + lambda * 2 / 2 = 2.0 + lambda * 1.0."""
+    loss = genrm_loss(*genrm_part_sums(*_genrm_batch()), lam)
     torch.testing.assert_close(loss, torch.tensor(expected))
-    torch.testing.assert_close(metrics["verify_loss"], torch.tensor(2.0))
-    torch.testing.assert_close(metrics["correct_loss"], torch.tensor(1.0))
-    assert (int(metrics["verify_tokens"]), int(metrics["correct_tokens"])) == (3, 2)
 
 
 def test_genrm_loss_without_correct_rows_is_the_verification_loss():
     logps, mask, part = _genrm_batch()
-    loss, metrics = genrm_loss(logps[:2], mask[:2], part[:2], 0.5)
-    torch.testing.assert_close(loss, torch.tensor(2.0))
-    assert int(metrics["correct_tokens"]) == 0
+    sums, tokens = genrm_part_sums(logps[:2], mask[:2], part[:2])
+    assert int(tokens[1]) == 0
+    torch.testing.assert_close(genrm_loss(sums, tokens, 0.5), torch.tensor(2.0))
+
+
+def test_genrm_loss_over_a_window_weighs_each_token_once():
+    """Two micro-batches of one accumulation window: the window loss is each part's sum over the window's tokens.
+    Batch A = rows 0-1 (verify: 1 + 2 + 3 = 6 over 3 tokens), batch B = row 2 (correct: 2 over 2 tokens).
+    Window: L = 6 / 3 + 0.1 * 2 / 2 = 2.1, the loss of the whole batch; each micro-batch's term uses the window's
+    counts (3, 2), as the module does."""
+    logps, mask, part = _genrm_batch()
+    window = torch.tensor([3.0, 2.0])
+    a = genrm_loss(genrm_part_sums(logps[:2], mask[:2], part[:2])[0], window, 0.1)
+    b = genrm_loss(genrm_part_sums(logps[2:], mask[2:], part[2:])[0], window, 0.1)
+    torch.testing.assert_close(a + b, torch.tensor(2.1))
 
 
 # ---- p("Yes") and the adaptive-K loop ----------------------------------------------------------------------
@@ -237,6 +258,7 @@ def test_verifier_data_without_genrm_splits_is_named(tiny_run_args, tmp_path):
         CustomDataset.splits(_verifier_cfg(tiny_run_args, "--dataset-name", str(path)))
 
 
+@pytest.mark.slow
 def test_verifier_batch_of_four_equals_four_accumulated_batches_of_one(tiny_run_args):
     """The two-part loss averages each part over its own tokens in the whole accumulation window, so the
     gradient of one step does not depend on how the window is cut into micro-batches."""
@@ -256,6 +278,7 @@ def test_verifier_batch_of_four_equals_four_accumulated_batches_of_one(tiny_run_
         torch.testing.assert_close(small.grads[0][name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow
 def test_verifier_run_logs_both_losses_and_the_verifier_score(tiny_run_args):
     import csv
     import json
@@ -326,7 +349,6 @@ def test_a_tiny_verifier_scores_held_out_correct_solutions_above_incorrect_ones(
     values = [s.score for s in scores]
     mean_yes = sum(v for v, y in zip(values, labels) if y) / labels.count(True)
     mean_no = sum(v for v, y in zip(values, labels) if not y) / labels.count(False)
-    print("TINY", mean_yes, mean_no, auc(values, labels))
     # An untrained verifier scores both alike (its p("Yes") does not depend on the label); this one accepts correct
     # solutions about twice as often as wrong ones: with 32 of each, a gap of 0.2 is about 2 standard errors.
     assert mean_yes > mean_no + 0.2, (mean_yes, mean_no)
