@@ -16,6 +16,7 @@ the core never imports ``extension/``. Adding a training type: docs/adding-a-tra
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -77,13 +78,11 @@ class Objective:
 
     def bound_loss(self, cfg) -> Callable[..., LossOutput]:
         """``loss`` with its settings from ``cfg``: called as (model, batch, ref)."""
-        kwargs = {k: getattr(cfg, f) for k, f in self.loss_args.items()}
-        return lambda model, batch, ref: self.loss(model, batch, ref, **kwargs)
+        return functools.partial(self.loss, **{k: getattr(cfg, f) for k, f in self.loss_args.items()})
 
     def bound_total(self, cfg) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """``total`` with its settings from ``cfg``: called as (loss_sum, units)."""
-        kwargs = {k: getattr(cfg, f) for k, f in self.total_args.items()}
-        return lambda loss_sum, units: self.total(loss_sum, units, **kwargs)
+        return functools.partial(self.total, **{k: getattr(cfg, f) for k, f in self.total_args.items()})
 
 
 # ---- the losses of the core objectives: model + batch -> (loss_sum, units, metrics) -----------------------
