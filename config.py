@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import os
+import math
 import re
 import time
 import types
@@ -22,7 +22,9 @@ from typing import Any
 
 import yaml
 
+from errors import ArgumentParser
 from objectives import TRAINING_TYPES, get_objective, validate_answers
+from secrets_guard import redact, secret_flag_problems
 from storage import is_remote, join
 
 PRECISIONS = ("32", "bf16-mixed", "bf16-true", "transformer-engine", "transformer-engine-float16")
@@ -32,18 +34,6 @@ FP8_RECIPES = ("delayed", "current")
 # extension/best_of_n.py, bench/verifier_throughput.py): rationales are drawn in groups of K_MIN up to K_MAX, and a
 # solution stops once the variance of its p("Yes") values is below TAU (Zhang et al., "Generative Verifiers").
 VERIFIER_K_MIN, VERIFIER_K_MAX, VERIFIER_TAU, VERIFIER_TEMPERATURE = 8, 32, 0.05, 0.7
-# Environment variables that may hold secrets; their values are never printed or saved.
-SECRET_ENV_VARS = (
-    "HF_TOKEN",
-    "HUGGING_FACE_HUB_TOKEN",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "OPENAI_API_KEY",
-    "NVIDIA_API_KEY",
-    "JUDGE_API_KEY",
-    "WANDB_API_KEY",
-)
 
 
 def _f(default: Any, help: str, **extra: Any) -> Any:
@@ -67,8 +57,12 @@ class TrainConfig:
     # Data.
     dataset_name: str = _f(
         "synthetic-math",
-        "Hub dataset id, local file (.jsonl/.json/.parquet) or save_to_disk folder, or 'synthetic-math' (built in, offline).",
+        "Hub dataset id, local file (.jsonl/.json/.parquet), folder of split files (train.jsonl and test.jsonl or "
+        "validation.jsonl; .json and .parquet too) or save_to_disk folder, or 'synthetic-math' (built in, offline).",
     )
+    test_dataset_name: str | None = _f(
+        None, "The held-out rows that validate the run, instead of the dataset's own test split or one carved from its "
+        "training rows: a file or folder (its test split, else its only split) or hub id, as --dataset-name.")
     dataset_source: str = _f(
         "auto", "Row format of the dataset; 'auto' detects it from the columns.",
         choices=("auto", "messages", "gsm8k", "math", "preference", "verifier")
@@ -79,7 +73,7 @@ class TrainConfig:
     test_dataset_length: int | None = _f(None, "Cap the number of test rows (first N, or random N with --dataset-random-sample).")
     dataset_random_sample: bool = _f(False, "With a length cap, take a seeded random sample instead of the first rows.")
     sanity_train: bool = _f(False, "Validate on the training set itself, to prove the model can overfit it.")
-    test_size: float = _f(0.02, "Fraction carved out as the test split when the dataset has none.")
+    test_size: float = _f(0.02, "Fraction carved out as the test split when the dataset has none (and no --test-dataset-name).")
     synthetic_levels: str = _f("1,2,3", "Difficulty levels of the synthetic-math dataset, comma separated (1-4).")
     max_length: int = _f(1024, "Maximum tokens per training example (prompt + response).")
     overlong: str = _f(
@@ -159,10 +153,15 @@ class TrainConfig:
         None, "--calculate-win-rate: the judge, a reward model folder (train.py --training-type bt) or 'api[:<model>]'.")
     # Checkpoints and logs.
     storage_path: str = _f("runs", "Folder under which the run folder (--name) holds checkpoints, logs and config.")
-    name: str | None = _f(None, "Run name; default '<training-type>-<date>-<time>'. Reusing a name reuses its folder.")
+    name: str | None = _f(
+        None, "Run name; default '<training-type>-<date>-<time>'. A local run stops if the name's folder already holds "
+        "a run, unless --resume-from-checkpoint continues it or --overwrite starts it over; a Ray job continues it.")
     resume_from_checkpoint: str | None = _f(
         None, "Checkpoint file to continue from, or 'last' for the newest checkpoint of this run (--name)."
     )
+    overwrite: bool = _f(
+        False, "Start over the run of this --name: first remove its checkpoints, logs and final model (a Ray job: its "
+        "whole --storage-path/--name folder, whose newest checkpoint it would otherwise continue from).")
     ckpt_to_keep: int = _f(2, "How many checkpoints to keep (the newest ones), besides last.ckpt.")
     checkpoint_frequency: int = _f(1, "Save a checkpoint every N epochs.")
     checkpoint_every_n_steps: int | None = _f(None, "Also save a checkpoint every N optimizer steps.")
@@ -221,7 +220,7 @@ FIELD_TYPES = {name: _base_type(name) for name in FIELDS}
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of train.py. Defaults are suppressed so that only flags actually given override YAML."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(  # a bad flag: one line, exit status 2
         prog="train.py",
         description="Post-train a language model: SFT, DPO, Bradley-Terry reward models, GenRM-CoT verifiers.",
         argument_default=argparse.SUPPRESS,
@@ -247,8 +246,25 @@ class ConfigError(ValueError):
     """A user error in the configuration; the message lists every problem found."""
 
     def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+        self.problems = [redact(p) for p in problems]  # a message may quote a value that holds a secret
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in self.problems))
+
+
+def _number(value: Any) -> int | float | None:
+    """A YAML number, or a string that spells a finite one: PyYAML follows YAML 1.1, which reads ``1e-5`` (no dot)
+    as a string. None for anything else (booleans included)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value if math.isfinite(value) else None
+    if isinstance(value, str):
+        for parse in (int, float):
+            try:
+                number = parse(value.strip())
+            except ValueError:
+                continue
+            return number if math.isfinite(number) else None
+    return None
 
 
 def _coerce_yaml_value(key: str, value: Any, source: str) -> tuple[Any, str | None]:
@@ -258,12 +274,16 @@ def _coerce_yaml_value(key: str, value: Any, source: str) -> tuple[Any, str | No
         return None, None
     if kind is bool and not isinstance(value, bool):
         return value, f"{source}: '{key}' must be true or false, got {value!r}"
-    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
-        return value, f"{source}: '{key}' must be an integer, got {value!r}"
+    if kind is int:
+        number = _number(value)
+        if number is None or number != int(number):
+            return value, f"{source}: '{key}' must be an integer, got {value!r}"
+        value = int(number)
     if kind is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        number = _number(value)
+        if number is None:
             return value, f"{source}: '{key}' must be a number, got {value!r}"
-        value = float(value)
+        value = float(number)
     if kind is str:
         value = str(value)
     choices = FIELDS[key].metadata.get("choices")
@@ -350,9 +370,12 @@ def validate(cfg: TrainConfig) -> list[str]:
     if cfg.sanity_train:
         need(cfg.test_percentile == 100, "--sanity-train validates on the training set, so --test-percentile has no effect: drop one of them")
         need(cfg.test_dataset_length is None, "--sanity-train validates on the training set, so --test-dataset-length has no effect: drop one of them")
+        need(cfg.test_dataset_name is None, "--sanity-train validates on the training set, so --test-dataset-name has no effect: drop one of them")
     if cfg.name is not None:
         need(re.fullmatch(r"[A-Za-z0-9._-]+", cfg.name) is not None and cfg.name not in (".", ".."),
              f"--name may hold only letters, digits, '.', '_' and '-', got {cfg.name!r}")
+    # A secret given as a flag would be printed and saved with the config: refused, naming the flag, not the value.
+    problems += secret_flag_problems({flag_name(k): getattr(cfg, k) for k in FIELDS})
     problems += distribution_problems(cfg)
     if cfg.calculate_win_rate:
         need(cfg.win_rate_baseline is not None and cfg.win_rate_judge is not None,
@@ -365,6 +388,17 @@ def validate(cfg: TrainConfig) -> list[str]:
     if not cfg.use_ray:  # a Ray driver may have no GPU: its workers check their own machine (hardware_problems)
         problems += hardware_problems(cfg)
     return problems
+
+
+def model_folder_problems(cfg: TrainConfig) -> list[str]:
+    """The model flags that name a local folder which is not a model folder (``models.model_folder_problem``). A
+    local run checks them before it writes or loads anything (``train.run``; a Ray job's workers, as they load);
+    not in ``validate``: an example config names the model of an earlier stage, made later."""
+    from models import model_folder_problem
+
+    judge = cfg.win_rate_judge if cfg.win_rate_judge and not cfg.win_rate_judge.startswith("api") else None
+    names = {"model_name": cfg.model_name, "ref_model_name": cfg.ref_model_name, "win_rate_judge": judge}
+    return [p for key, name in names.items() if name and (p := model_folder_problem(name, flag_name(key)))]
 
 
 def distribution_problems(cfg: TrainConfig) -> list[str]:
@@ -389,6 +423,13 @@ def distribution_problems(cfg: TrainConfig) -> list[str]:
          "folder and copy it up")
     if cfg.resume_from_checkpoint not in (None, "last") and not is_remote(cfg.resume_from_checkpoint):
         need(Path(cfg.resume_from_checkpoint).exists(), f"--resume-from-checkpoint {cfg.resume_from_checkpoint}: no such file or folder")
+    if cfg.overwrite and cfg.resume_from_checkpoint is not None:
+        ckpt, run = cfg.resume_from_checkpoint, cfg.storage_dir
+        if ckpt != "last" and not is_remote(ckpt) and not is_remote(run):
+            ckpt, run = str(Path(ckpt).resolve()), str(Path(run).resolve())
+        need(ckpt != "last" and not (ckpt + "/").startswith(run.rstrip("/") + "/"),
+             f"--overwrite removes the checkpoints of run {cfg.name}, so it cannot also resume from one of them "
+             f"(--resume-from-checkpoint {cfg.resume_from_checkpoint}): drop one of the two")
     return problems
 
 
@@ -439,20 +480,6 @@ def resolve(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namesp
     if problems:
         raise ConfigError(problems)
     return cfg, args
-
-
-def redact(text: str) -> str:
-    """Replace with '***' the value of every secret environment variable found in ``text``, and every token-shaped
-    string: Hugging Face (``hf_...``), OpenAI-style (``sk-...``), NVIDIA (``nvapi-...``) keys and AWS access key ids
-    (``AKIA...``)."""
-    for var in SECRET_ENV_VARS:
-        secret = os.environ.get(var)
-        if secret and len(secret) >= 4:
-            text = text.replace(secret, "***")
-    # A token pasted into a flag or a YAML file is a secret even when its variable is unset at export time. The
-    # lookbehind keeps words that merely end in "sk-" (e.g. "task-...") intact.
-    return re.sub(r"(?<![A-Za-z0-9])(?:hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,}|nvapi-[A-Za-z0-9_-]{20,}|AKIA[0-9A-Z]{16})",
-                  "***", text)
 
 
 def to_yaml(cfg: TrainConfig) -> str:

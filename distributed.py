@@ -6,7 +6,8 @@ With ``--use-ray``, ``run_on_ray`` hands the same training function (``train.run
 and environment. Every checkpoint the run makes is reported to Ray (``RayCheckpointReport``), which copies it to
 ``--storage-path/--name`` (a folder or ``s3://bucket/prefix``) and keeps the newest ``--ckpt-to-keep``. A worker
 restarted after a failure (``--max-failures``) and a later submission with the same ``--name`` both start from the
-newest reported checkpoint. Logs, generations, the resolved config and the final model are copied beside them.
+newest reported checkpoint (with ``--overwrite``, a submission removes the earlier run and starts over). Logs,
+generations, the resolved config and the final model are copied beside them.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import dataclasses
 import functools
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +25,7 @@ import pytorch_lightning as pl
 import storage
 from config import TrainConfig
 from patches.lightning_fsdp_cpu import cpu_capable
+from secrets_guard import redact_output
 
 # What a run leaves in its local folder that belongs in --storage-path too (checkpoints go through Ray).
 RUN_FILES = ("config.yaml", "tensorboard", "csv", "generations", "win_rate", "final_model")
@@ -97,9 +98,14 @@ def sync_run_files(cfg: TrainConfig) -> None:
 
 def pull_run_files(cfg: TrainConfig) -> None:
     """Before a resumed Ray run writes logs, fetch the earlier attempts' logs from --storage-path, so the new logs are
-    added beside them (CSV logs get the next version number) rather than written over them."""
+    added beside them (CSV logs get the next version number) rather than written over them. What this machine's
+    scratch folder still holds of an earlier run of the name goes first: --storage-path alone says what the run is
+    (after --overwrite, nothing)."""
     if not storage.is_remote(cfg.storage_dir):
         return
+    for name in RUN_FILES:
+        local = cfg.run_dir / name
+        shutil.rmtree(local) if local.is_dir() else local.unlink(missing_ok=True)
     for name in ("tensorboard", "csv", "generations"):
         remote = storage.join(cfg.storage_dir, name)
         if storage.kind(remote) == "dir":
@@ -122,8 +128,9 @@ class RayCheckpointReport(pl.Callback):
         if trainer.global_step == self._last_step:
             return
         self._last_step = trainer.global_step
-        rank = trainer.global_rank
-        folder = Path(tempfile.gettempdir()) / "posttrain-ray-ckpt" / str(self.cfg.name) / f"rank-{rank}" / f"step-{trainer.global_step}"
+        # Staged in the run's own folder (the same filesystem as the run's checkpoints when --storage-path is a folder),
+        # not the system temp folder: _worker removes what a killed save left there when the run next starts.
+        folder = ray_staging(self.cfg, trainer.global_rank) / f"step-{trainer.global_step}"
         folder.mkdir(parents=True, exist_ok=True)
         trainer.save_checkpoint(folder / storage.CKPT_NAME)  # a collective: rank 0 writes (all ranks when sharded)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -145,6 +152,11 @@ class RayCheckpointReport(pl.Callback):
             self._report(trainer)
 
 
+def ray_staging(cfg: TrainConfig, rank: int) -> Path:
+    """Where a Ray worker writes a checkpoint before reporting it (Ray then copies it to --storage-path)."""
+    return cfg.run_dir / ".ray-staging" / f"rank-{rank}"
+
+
 def ray_trainer_setup(cfg: TrainConfig) -> dict:
     """Trainer arguments of a Ray worker: Ray's cluster environment, and the checkpoint report in place of the local
     ModelCheckpoint (Ray keeps the checkpoints)."""
@@ -160,6 +172,7 @@ def _worker(config: dict, train_fn: Callable[..., dict]) -> None:
 
     from config import ConfigError, hardware_problems
 
+    redact_output()  # this worker's output, in the Ray job's logs too, passes through secrets_guard.redact
     cfg = TrainConfig(**config["cfg"])
     problems = hardware_problems(cfg)
     if problems:
@@ -167,6 +180,7 @@ def _worker(config: dict, train_fn: Callable[..., dict]) -> None:
     rank = ray.train.get_context().get_world_rank()
     workdir = cfg.run_dir / "resume" / f"rank-{rank}"
     shutil.rmtree(workdir, ignore_errors=True)
+    shutil.rmtree(ray_staging(cfg, rank), ignore_errors=True)  # a checkpoint a killed worker was writing
     ckpt = None
     latest = ray.train.get_checkpoint()  # this run's newest: after a restart, or a resubmission of the same --name
     if latest is not None:
@@ -183,6 +197,27 @@ def _worker(config: dict, train_fn: Callable[..., dict]) -> None:
     shutil.rmtree(workdir, ignore_errors=True)
 
 
+def continue_or_start_over(cfg: TrainConfig) -> None:
+    """A Ray job whose --name already has a run folder continues that run from its newest checkpoint (Ray's rule for a
+    resubmitted name, kept so that resubmitting after a failure or preemption just works); --overwrite removes the
+    folder first, so the job starts over. Either way it says so, before Ray starts."""
+    if storage.kind(cfg.storage_dir) != "dir":
+        return
+    if cfg.overwrite:
+        storage.remove(cfg.storage_dir)
+        print(f"--overwrite: removed {cfg.storage_dir}, the earlier run of this --name")
+        return
+    latest = storage.latest_ray_checkpoint(cfg.storage_dir)
+    if latest is None:
+        print(f"{cfg.storage_dir} exists but holds no Ray checkpoint: this job starts from scratch beside its files "
+              "(--overwrite removes them first)")
+        return
+    unused = cfg.resume_from_checkpoint not in (None, "last")
+    print(f"{cfg.storage_dir} holds a run of this --name: this job continues it from its newest checkpoint {latest}"
+          + (f", not from --resume-from-checkpoint {cfg.resume_from_checkpoint}" if unused else "")
+          + " (--overwrite starts it over)")
+
+
 def run_on_ray(cfg: TrainConfig, train_fn: Callable[..., dict]) -> dict:
     """Run ``train_fn`` (``train.run``, passed in so that this module needs no import of train.py) on
     ``--num-workers`` Ray workers; returns the final metrics and where the run is stored."""
@@ -196,6 +231,7 @@ def run_on_ray(cfg: TrainConfig, train_fn: Callable[..., dict]) -> dict:
         else:  # this machine (a running `ray start` cluster, else a new local one); workers import from this folder
             ray.init(runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent)}})
     storage_path = cfg.storage_path if storage.is_remote(cfg.storage_path) else str(Path(cfg.storage_path).resolve())
+    continue_or_start_over(cfg)
     resources = {"GPU": 1} if cfg.use_gpu else {"CPU": 1}
     trainer = TorchTrainer(
         functools.partial(_worker, train_fn=train_fn),

@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
+from errors import ArgumentParser, fail
 from metrics import check, gold_answer, has_final_answer, parse, wilson_interval
+from secrets_guard import redact_output, refuse_secret_args
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="evaluate_math.py", description=__doc__.split("\n\n")[0],
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--predictions", help="A jsonl written by inference.py (completion and reference per row).")
     source.add_argument("--model-name", help="Generate greedy answers with this model first (needs --dataset-name).")
@@ -32,8 +34,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16, help="Prompts per generation batch.")
     parser.add_argument("--output-dir", required=True, help="results.jsonl and summary.json go here.")
     args = parser.parse_args(argv)
+    refuse_secret_args(parser, args)
     if args.model_name and not args.dataset_name:
         parser.error("--model-name needs --dataset-name (the problems to answer)")
+    if args.model_name:
+        from models import model_folder_problem
+
+        if problem := model_folder_problem(args.model_name):
+            parser.error(problem)
     return args
 
 
@@ -56,6 +64,7 @@ def score(rows: list[dict]) -> tuple[list[dict], dict]:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    redact_output()  # everything printed or logged from here on passes through secrets_guard.redact
     args = parse_args(argv)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -67,15 +76,16 @@ def main(argv: list[str] | None = None) -> dict:
                         args.synthetic_levels, "--output", str(predictions), "--max-new-tokens", str(args.max_new_tokens),
                         "--batch-size", str(args.batch_size), *(["--limit", str(args.limit)] if args.limit else [])])
     if not predictions.is_file():
-        print(f"evaluate_math.py: --predictions {predictions}: no such file", file=sys.stderr)
-        raise SystemExit(2)
+        fail("evaluate_math.py", f"--predictions {predictions}: no such file")
     from resumable import read_rows
 
     try:
-        results, summary = score(read_rows(predictions, keys=("completion",))[: args.limit])
-    except (ValueError, KeyError) as exc:  # DataError (a bad line) is a ValueError
-        print(f"evaluate_math.py: {predictions}: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        rows = read_rows(predictions, keys=("completion",))[: args.limit]
+        if not rows:
+            raise ValueError("holds no predictions (write it with inference.py)")
+        results, summary = score(rows)
+    except ValueError as exc:  # DataError (a bad line) is a ValueError; its message names the file already
+        fail("evaluate_math.py", exc if str(exc).startswith(str(predictions)) else f"{predictions}: {exc}")
     (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results))
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     low, high = summary["ci95"]

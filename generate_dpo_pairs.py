@@ -25,20 +25,22 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 import torch
 
+import stopping
 from collate_functions import generation_prompt_ids
 from config import ConfigError, TrainConfig
 from custom_dataset import DataError
+from errors import ArgumentParser, fail
 from math_problems import load_problems
 from metrics import check, parse
-from models import cache_dir, generate_from_prompts, load_causal_lm, load_tokenizer
+from models import cache_dir, generate_from_prompts, load_causal_lm, load_tokenizer, model_folder_problem, token_bar
 from resumable import append_rows, read_rows, save_or_check_settings
+from secrets_guard import redact_output, refuse_secret_args
 
 SAMPLES_FILE = "samples.jsonl"
 SETTINGS_FILE = "generation.json"
@@ -49,7 +51,7 @@ SKIP_REASONS = ("no correct sample", "no incorrect sample")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="generate_dpo_pairs.py", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -82,6 +84,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The flags, checked; any problem stops with a message naming the flag."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    refuse_secret_args(parser, args)
     for flag, value, ok, allowed in (
         ("--num-problems", args.num_problems, args.num_problems is None or args.num_problems >= 1, "at least 1"),
         ("--samples-per-problem", args.samples_per_problem, args.samples_per_problem >= 1, "at least 1"),
@@ -100,6 +103,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("give --output-dir (a local folder), --repo (a hub dataset), or both")
     if args.repo is not None and not os.environ.get("HF_TOKEN"):
         parser.error(f"--repo {args.repo} needs a Hugging Face write token in the HF_TOKEN environment variable")
+    if problem := model_folder_problem(args.model_name):  # before a run folder records it
+        parser.error(problem)
     return args
 
 
@@ -107,7 +112,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 @torch.no_grad()
 def sample_solutions(model, tokenizer, questions: list[str], k: int, *, temperature: float, top_p: float,
-                     max_new_tokens: int, seed: int) -> list[list[str]]:
+                     max_new_tokens: int, seed: int, progress=None) -> list[list[str]]:
     """``k`` sampled answers to each question, as the model answers a user turn in its chat template.
 
     Deterministic for the same questions, settings and ``seed`` (it reseeds torch's global generator).
@@ -121,8 +126,8 @@ def sample_solutions(model, tokenizer, questions: list[str], k: int, *, temperat
                for q in questions]
     torch.manual_seed(seed)
     texts = generate_from_prompts(  # top_k=0: only the flags shape sampling, not HF's default of 50
-        model, tokenizer, prompts, max_new_tokens, num_return_sequences=k, do_sample=True, temperature=temperature,
-        top_p=top_p, top_k=0,
+        model, tokenizer, prompts, max_new_tokens, progress=progress, num_return_sequences=k, do_sample=True,
+        temperature=temperature, top_p=top_p, top_k=0,
     )  # the k samples of each prompt adjacent
     return [texts[i * k:(i + 1) * k] for i in range(len(questions))]
 
@@ -149,15 +154,15 @@ def read_records(path: Path) -> dict[str, dict]:
 
 def sample_problems(args: argparse.Namespace, problems: list[dict], path: Path, done: dict[str, dict]) -> None:
     """Sample, check and append to ``path`` every problem not in ``done``, one batch at a time."""
-    from tqdm import tqdm
-
     todo = [p for p in problems if p["question_id"] not in done]
     if not todo:
         return
     model, tokenizer = load_causal_lm(args.model_name), load_tokenizer(args.model_name)
     if torch.cuda.is_available():
         model = model.to("cuda")
-    with tqdm(total=len(problems), initial=len(problems) - len(todo), desc="problems", unit="problem") as bar:
+    finished = len(problems) - len(todo)
+    stopping.keep(lambda: f"the samples of {finished} problems in {path} (rerun the same command to resume)")
+    with token_bar("sampling solutions") as bar:
         # Batches are cut from the full problem list, so a resumed run seeds each batch as an uninterrupted one does.
         for start in range(0, len(problems), args.batch_size):
             batch = [p for p in problems[start:start + args.batch_size] if p["question_id"] not in done]
@@ -166,6 +171,7 @@ def sample_problems(args: argparse.Namespace, problems: list[dict], path: Path, 
             samples = sample_solutions(
                 model, tokenizer, [p["question"] for p in batch], args.samples_per_problem, temperature=args.temperature,
                 top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed + start // args.batch_size,
+                progress=bar,
             )
             records = []
             for problem, texts in zip(batch, samples):
@@ -173,7 +179,8 @@ def sample_problems(args: argparse.Namespace, problems: list[dict], path: Path, 
                 answers, correct = zip(*(check(t, gold) for t in texts))
                 records.append({**problem, "samples": texts, "answers": answers, "correct": correct})
             append_rows(path, records)
-            bar.update(len(batch))
+            finished += len(batch)
+            bar.set_postfix_str(f"{finished}/{len(problems)} problems")
 
 
 # ---- pairs and the dataset ---------------------------------------------------------------------------------
@@ -223,8 +230,10 @@ def build_dataset(pairs: list[dict], test_size: float, seed: int):
     return datasets.DatasetDict({"train": split["train"], "test": split["test"]})
 
 
+@stopping.stop_on_signals("generate_dpo_pairs.py")
 def main(argv: list[str] | None = None) -> dict:
     """Run the script; returns the summary it prints (for tests)."""
+    redact_output()  # everything printed or logged from here on passes through secrets_guard.redact
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     started = time.time()
@@ -258,9 +267,8 @@ def main(argv: list[str] | None = None) -> dict:
         summary["minutes"] = round((time.time() - started) / 60, 2)
         print(f"done in {summary['minutes']} min")
         return summary
-    except (ConfigError, DataError, OSError) as exc:
-        print(f"generate_dpo_pairs.py: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    except (ConfigError, DataError, OSError) as exc:  # bad input: one line, exit status 2
+        fail("generate_dpo_pairs.py", exc)
 
 
 if __name__ == "__main__":

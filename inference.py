@@ -20,17 +20,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
+import stopping
 from config import ConfigError, TrainConfig, flag_name, redact
 from custom_dataset import DataError
+from errors import ArgumentParser, fail
+from models import model_folder_problem
 from resumable import append_rows, check_same_settings, read_rows
+from secrets_guard import redact_output, refuse_secret_args
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="inference.py", description=__doc__.split("\n\n")[0],
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-name", required=True, help="Hub id, local folder or the smollm2-135m-instruct alias.")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--dataset-name", help="A dataset as for train.py (its test split unless --split train).")
@@ -50,6 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--backend", choices=("auto", "vllm", "transformers"), default="auto",
                         help="auto: vLLM when installed and a GPU is present, else transformers.")
     args = parser.parse_args(argv)
+    refuse_secret_args(parser, args)
     for name in ("n", "max_new_tokens", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"{flag_name(name)} must be at least 1, got {getattr(args, name)}")
@@ -57,6 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--temperature must be >= 0 and --top-p in (0, 1], got {args.temperature} and {args.top_p}")
     if args.temperature == 0 and args.n > 1:
         parser.error("--n above 1 needs --temperature above 0: greedy decoding gives n identical completions")
+    if problem := model_folder_problem(args.model_name):
+        parser.error(problem)
     return args
 
 
@@ -67,15 +74,22 @@ def load_prompts(args: argparse.Namespace) -> list[dict]:
         if not path.is_file():
             raise DataError(f"--prompts {path}: no such file")
         rows = []
-        for number, line in enumerate(path.read_text().splitlines()):
+        for number, line in enumerate(path.read_bytes().splitlines()):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line.decode("utf-8"))
                 messages = row["messages"] if "messages" in row else [{"role": "user", "content": row["prompt"]}]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise DataError(f"--prompts {path} line {number + 1}: not a {{prompt}} or {{messages}} row ({exc})") from exc
+            except UnicodeDecodeError as exc:
+                raise DataError(f"--prompts {path} line {number + 1}: not UTF-8 text ({exc})") from None
+            except KeyError as exc:
+                raise DataError(f"--prompts {path} line {number + 1}: no {exc.args[0]!r} column (a row holds "
+                                "'prompt' or 'messages')") from None
+            except (json.JSONDecodeError, TypeError) as exc:
+                raise DataError(f"--prompts {path} line {number + 1}: not a {{prompt}} or {{messages}} row ({exc})") from None
             rows.append({"id": str(row.get("id", number)), "messages": messages, "reference": row.get("reference")})
+        if not rows:
+            raise DataError(f"--prompts {path}: the file holds no prompts (it is empty or blank)")
         return rows[: args.limit]
     from custom_dataset import detect_format, load_raw, normalise
 
@@ -130,7 +144,7 @@ class TransformersBackend:
             return generation_prompt_ids(self.tokenizer, [*messages, {"role": "assistant", "content": ""}])
         return self.tokenizer(messages[-1]["content"], add_special_tokens=False)["input_ids"]
 
-    def generate(self, batch: list[dict], args: argparse.Namespace, seed: int) -> list[list[str]]:
+    def generate(self, batch: list[dict], args: argparse.Namespace, seed: int, progress=None) -> list[list[str]]:
         import torch
 
         from models import generate_from_prompts
@@ -141,7 +155,7 @@ class TransformersBackend:
         sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p, "top_k": 0} \
             if args.temperature > 0 else {"do_sample": False}
         answers = generate_from_prompts(self.model, self.tokenizer, [self.prompt_ids(r["messages"], args.chat_template) for r in batch],
-                                        args.max_new_tokens, num_return_sequences=args.n, **sampling)
+                                        args.max_new_tokens, progress=progress, num_return_sequences=args.n, **sampling)
         return [answers[i * args.n:(i + 1) * args.n] for i in range(len(batch))]
 
 
@@ -157,7 +171,7 @@ class VLLMBackend:
 
         self.llm = LLM(model=str(resolve_model_path(model_name)))
 
-    def generate(self, batch: list[dict], args: argparse.Namespace, seed: int) -> list[list[str]]:
+    def generate(self, batch: list[dict], args: argparse.Namespace, seed: int, progress=None) -> list[list[str]]:
         from vllm import SamplingParams
 
         params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_new_tokens,
@@ -166,11 +180,13 @@ class VLLMBackend:
             outputs = self.llm.chat([r["messages"] for r in batch], params, use_tqdm=False)
         else:
             outputs = self.llm.generate([r["messages"][-1]["content"] for r in batch], params, use_tqdm=False)
+        if progress is not None:  # vLLM generates a batch in one call: its tokens are counted when it returns
+            progress.update(sum(len(o.token_ids) for out in outputs for o in out.outputs))
         return [[o.text.strip() for o in out.outputs] for out in outputs]
 
 
 def run(args: argparse.Namespace) -> dict:
-    from tqdm import tqdm
+    from models import token_bar
 
     prompts = load_prompts(args)
     output = Path(args.output)
@@ -185,27 +201,30 @@ def run(args: argparse.Namespace) -> dict:
         return {"written": 0, "skipped": len(done)}
     backend = VLLMBackend(args.model_name) if use_vllm(args.backend) else TransformersBackend(args.model_name)
     settings = {k: getattr(args, k) for k in SETTINGS}
-    started, completions = time.time(), 0
-    with tqdm(total=len(todo), desc=f"generating ({backend.name})", unit="prompt") as bar:
+    started, finished = time.time(), 0
+    stopping.keep(lambda: f"{len(done) + finished} rows in {output}, each whole (rerun the same command to resume)")
+    with token_bar(f"generating ({backend.name})") as bar:
         for start in range(0, len(todo), args.batch_size):
             batch = todo[start:start + args.batch_size]
-            results = backend.generate(batch, args, seed=args.seed + start + len(done))
+            stopping.check()  # vLLM's batches cannot be cut short: stop between them
+            results = backend.generate(batch, args, seed=args.seed + start + len(done), progress=bar)
             append_rows(output, [{"id": row["id"], "prompt": row["messages"], "completions": texts, "completion": texts[0],
                                   "reference": row["reference"], "model": args.model_name, "backend": backend.name,
                                   "settings": settings} for row, texts in zip(batch, results, strict=True)])
-            completions += len(batch) * args.n
-            bar.update(len(batch))
-            bar.set_postfix(completions_per_s=f"{completions / (time.time() - started):.2f}")
+            finished += len(batch)
+            bar.set_postfix_str(f"{finished}/{len(todo)} prompts, {finished * args.n / (time.time() - started):.2f} "
+                                "completions/s")
     return {"written": len(todo), "skipped": len(done), "seconds": round(time.time() - started, 1)}
 
 
+@stopping.stop_on_signals("inference.py")
 def main(argv: list[str] | None = None) -> dict:
+    redact_output()  # everything printed or logged from here on passes through secrets_guard.redact
     args = parse_args(argv)
     try:
         return run(args)
-    except (ConfigError, DataError, OSError) as exc:
-        print(f"inference.py: {redact(str(exc))}", file=sys.stderr)
-        raise SystemExit(2) from None
+    except (ConfigError, DataError, OSError) as exc:  # bad input: one line, exit status 2
+        fail("inference.py", redact(str(exc)))
 
 
 if __name__ == "__main__":

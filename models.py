@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+import stopping
+
 log = logging.getLogger(__name__)
 
 SMOLLM2_ALIAS = "smollm2-135m-instruct"
@@ -68,10 +70,38 @@ def smollm2_folder() -> Path:
     return target
 
 
+def model_folder_problem(name: str, flag: str = "--model-name") -> str | None:
+    """What is wrong with ``name`` as a local model folder, naming ``flag``; None when it is one, or a hub id.
+
+    A name written as a path (``./x``, ``../x``, ``/x``, ``~/x``, or ``runs/x/final_model``: more parts than a hub id's
+    ``owner/name``) must be a folder holding ``config.json``: transformers would take a missing one for a hub id and
+    complain about the form of repo ids instead.
+    """
+    if name == SMOLLM2_ALIAS:
+        return None
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return None
+        inside = [p.parent.name for p in path.glob("*/config.json")]
+        hint = f" (its subfolder {inside[0]} is one)" if len(inside) == 1 else ""
+        return f"{flag} {name}: a folder without config.json, not a model folder{hint}"
+    if name.startswith((".", "/", "~")) or name.count("/") >= 2 or path.is_file():
+        return f"{flag} {name}: no such model folder"
+    return None
+
+
 def resolve_model_path(name: str) -> str:
-    """Turn --model-name into something ``from_pretrained`` accepts."""
+    """Turn --model-name into something ``from_pretrained`` accepts.
+
+    Raises:
+        FileNotFoundError: ``name`` is written as a local folder that is not there (``model_folder_problem``).
+    """
     if name == SMOLLM2_ALIAS:
         return str(smollm2_folder())
+    problem = model_folder_problem(name, "model")
+    if problem:
+        raise FileNotFoundError(problem)
     return name
 
 
@@ -185,19 +215,57 @@ def stop_token_ids(tokenizer) -> set[int]:
     return {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")} - {None, tokenizer.unk_token_id}
 
 
+def token_bar(desc: str, enabled: bool = True):
+    """The progress bar of a generation: tokens as they are produced and their rate, moved by ``GenerationMonitor``
+    after every token step (callers add what they finish, e.g. ``bar.set_postfix_str("3/8 prompts")``)."""
+    from tqdm import tqdm
+
+    return tqdm(desc=desc, unit="tok", unit_scale=True, disable=not enabled, leave=False, dynamic_ncols=True)
+
+
+class GenerationMonitor:
+    """A stopping criterion that ``generate`` calls after every token step (transformers' ``StoppingCriteria``
+    protocol; not subclassed, so that importing this module does not import transformers' generation code): it adds
+    the step's tokens (one per sequence still going) to ``progress`` and, once SIGTERM or SIGINT was received
+    (``stopping.requested``), ends every sequence so that ``generate`` returns at once (``generate_from_prompts`` then
+    raises ``stopping.Stopped``)."""
+
+    def __init__(self, stop_ids: set[int], progress=None):
+        self.stop_ids, self.progress = sorted(stop_ids), progress
+        self.finished: torch.Tensor | None = None  # (B,) sequences that produced a stop token
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        last = input_ids[:, -1]  # (B,) the token this step produced
+        if self.progress is not None:
+            if self.finished is None:
+                self.finished = torch.zeros_like(last, dtype=torch.bool)
+                self.stop_ids = torch.tensor(self.stop_ids, device=last.device)
+            self.progress.update(int((~self.finished).sum()))
+            self.finished |= torch.isin(last, self.stop_ids)
+        return torch.full_like(last, stopping.requested(), dtype=torch.bool)
+
+
 @torch.no_grad()
-def generate_from_prompts(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, **generate_kwargs) -> list[str]:
+def generate_from_prompts(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, progress=None,
+                          **generate_kwargs) -> list[str]:
     """Answers to prompt token ids (e.g. ``collate_functions.generation_prompt_ids``), in one left-padded batch,
     stopping at ``stop_token_ids``; ``generate_kwargs`` go to ``generate`` (sampling settings,
-    ``num_return_sequences``: its answers come out adjacent). Returns stripped answers in order."""
+    ``num_return_sequences``: its answers come out adjacent). ``progress`` (``token_bar``) counts the tokens as they
+    come. Returns stripped answers in order; raises ``stopping.Stopped`` when a stop signal cut the generation short."""
+    from transformers import StoppingCriteriaList
+
     ids, attention = left_pad(prompts, tokenizer.pad_token_id)  # (B, T): every answer starts at column T
     width = ids.shape[1]
     stop = stop_token_ids(tokenizer)
     was_training = model.training
     model.eval()
-    generated = model.generate(
-        input_ids=ids.to(model.device), attention_mask=attention.to(model.device), max_new_tokens=max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(stop), **generate_kwargs,
-    )
-    model.train(was_training)
+    try:
+        generated = model.generate(
+            input_ids=ids.to(model.device), attention_mask=attention.to(model.device), max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(stop),
+            stopping_criteria=StoppingCriteriaList([GenerationMonitor(stop, progress)]), **generate_kwargs,
+        )
+    finally:
+        model.train(was_training)
+    stopping.check()  # the answers of a generation cut short are not answers
     return [text.strip() for text in tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)]

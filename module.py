@@ -14,12 +14,14 @@ import pytorch_lightning as pl
 import torch
 from tqdm import tqdm
 
+import stopping
 from collate_functions import BatchPlan, LengthGroupedBatchSampler, PlannedDataset, feature_length, generation_prompt_ids
 from config import TrainConfig
 from custom_dataset import CustomDataset
 from metrics import answers_match, edit_distance, has_final_answer
-from models import generate_from_prompts
+from models import generate_from_prompts, token_bar
 from objectives import Objective, get_objective, reference_logps
+from secrets_guard import redact_data
 
 # The module restores the data position itself (see on_load_checkpoint), so Lightning's advice does not apply.
 warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
@@ -147,12 +149,23 @@ class PostTrainingModule(pl.LightningModule):
     def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
         # Forward, backward and (at a window's end) the optimizer step of this batch; data loading excluded.
         self.log_metric("train/tokens_per_s", batch["attention_mask"].sum() / (time.perf_counter() - self._clock))
+        self.stop_if_requested()  # after the checkpoint callbacks: a checkpoint due at this step is written first
+
+    def stop_if_requested(self) -> None:
+        """Raise ``stopping.Stopped`` once SIGTERM or SIGINT was received, on every worker at the same step (one of
+        them stopping alone would leave the others waiting in a collective)."""
+        stop = stopping.requested()
+        if self.trainer.world_size > 1:
+            stop = self.trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if stop:
+            raise stopping.Stopped("stop requested")
 
     # ---- validation -------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
         self._val_sums = self._val_units = None
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.stop_if_requested()
         loss_sum, units, metrics = self.loss_fn(self.model, batch, self.ref_model)
         # Summed over the split (per part), so the epoch's loss is the mean over every token (or pair) of it.
         sums, units = loss_sum.detach().double(), units.double()
@@ -203,7 +216,7 @@ class PostTrainingModule(pl.LightningModule):
         if self.trainer.is_global_zero:
             path = self.cfg.run_dir / "generations" / f"step-{self.global_step}.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("".join(json.dumps(g) + "\n" for g in rows))
+            path.write_text("".join(json.dumps(g) + "\n" for g in redact_data(rows)))  # data may hold secrets
 
     def full_weights(self) -> contextlib.AbstractContextManager:
         """Generation calls the model outside its training forward: under FSDP its weights are gathered first (on
@@ -217,11 +230,14 @@ class PostTrainingModule(pl.LightningModule):
     def generate(self, conversations: list[list[dict]]) -> list[str]:
         """Greedy answers to the last user turn of each conversation (its final assistant turn is the reference)."""
         size = max(self.cfg.batch_size, 16)
-        starts = range(0, len(conversations), size)
-        return [answer for i in tqdm(starts, desc="generating validation answers", disable=not self.cfg.verbose, leave=False)
-                for answer in generate_from_prompts(
+        answers: list[str] = []
+        with token_bar("generating validation answers", self.cfg.verbose) as bar:
+            for i in range(0, len(conversations), size):
+                answers += generate_from_prompts(
                     self.model, self.tokenizer, [generation_prompt_ids(self.tokenizer, c) for c in conversations[i:i + size]],
-                    self.cfg.max_new_tokens, do_sample=False)]
+                    self.cfg.max_new_tokens, progress=bar, do_sample=False)
+                bar.set_postfix_str(f"{len(answers)}/{len(conversations)} answers")
+        return answers
 
     # ---- checkpoints ------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -230,6 +246,8 @@ class PostTrainingModule(pl.LightningModule):
         checkpoint["val_metrics"] = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("val/")}
         if self._data_position is not None:
             checkpoint["data_position"] = dict(self._data_position)
+        # Every string the checkpoint holds (this config, the checkpoint callback's paths, ...) passes through redact.
+        checkpoint.update({key: redact_data(value) for key, value in checkpoint.items()})
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._resume_position = checkpoint.get("data_position")
@@ -260,6 +278,7 @@ def precompute_reference_logps(ref_model, datasets: list[CustomDataset], collato
         values = torch.empty(len(features), 2, dtype=torch.float64)
         starts = range(0, len(features), batch_size)
         for i in tqdm(starts, desc="reference log-probs", disable=not verbose):
+            stopping.check()  # the cache is written whole at the end, or not at all
             batch = {k: v.to(device) for k, v in collator(features[i:i + batch_size]).items()}
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
                 seq = reference_logps(ref_model, batch).cpu()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from config import ConfigError, flag_name
 from custom_dataset import DataError
+from secrets_guard import redact_data
 
 
 def read_rows(path: Path, keys: Iterable[str] = ()) -> list[dict]:
@@ -67,8 +68,9 @@ def read_rows(path: Path, keys: Iterable[str] = ()) -> list[dict]:
 
 def append_rows(path: Path, rows: Iterable[dict]) -> None:
     """Append ``rows`` to ``path``, one JSON object a line, in one write that is flushed to disk: a crash loses at
-    most these rows and tears at most the last line, which ``read_rows`` then drops."""
-    text = "".join(json.dumps(row) + "\n" for row in rows)
+    most these rows and tears at most the last line, which ``read_rows`` then drops. Every string in them passes
+    through ``redact`` (a prompt or an answer may quote a key)."""
+    text = "".join(json.dumps(redact_data(row)) + "\n" for row in rows)
     with path.open("a", encoding="utf-8") as handle:
         handle.write(text)
         handle.flush()

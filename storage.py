@@ -95,6 +95,18 @@ def download(uri: str, local: Path) -> Path:
     return local
 
 
+def remove(uri: str) -> None:
+    """Delete the file or folder at ``uri``, local or remote (nothing there: nothing to do)."""
+    found = kind(uri)
+    if found is None:
+        return
+    if not is_remote(uri):
+        shutil.rmtree(uri) if found == "dir" else Path(uri).unlink()
+        return
+    fs, path = _fs(uri)
+    fs.delete_dir(path) if found == "dir" else fs.delete_file(path)
+
+
 def latest_ray_checkpoint(run_uri: str) -> str | None:
     """The newest ``checkpoint_*`` folder of a Ray Train run folder (their names sort by time), or None."""
     names = [n for n in listdir(run_uri) if n.startswith("checkpoint_") and not n.endswith(".json")]
@@ -116,3 +128,30 @@ def fetch_checkpoint(path: str, workdir: Path) -> Path:
             return download(candidate, workdir / Path(candidate.rstrip("/")).name)
     raise StorageError(f"{path}: no checkpoint there (looked for a .ckpt, {CKPT_NAME}, last.ckpt, checkpoints/last.ckpt "
                        "and the newest checkpoint_* of a Ray run)")
+
+
+def load_checkpoint(path: Path, mmap: bool = False) -> dict:
+    """The dict of a Lightning checkpoint file, on the CPU. With ``mmap`` the tensors stay on disk: a check that the
+    file is whole and readable, at little cost, before a run loads its data and model.
+
+    Raises:
+        StorageError: ``path`` is truncated (a copy or a save cut short), corrupt or not a checkpoint; the message
+            names it.
+    """
+    import pickle
+    import zipfile
+
+    import torch
+
+    # torch.save writes a zip archive whose directory is at its end: a truncated file has none.
+    if not zipfile.is_zipfile(path):
+        raise StorageError(f"{path}: truncated or not a PyTorch checkpoint (no zip directory at its end): use an "
+                           "earlier checkpoint of the run, or copy this one again")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError) as exc:
+        raise StorageError(f"{path}: a corrupt checkpoint ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}): "
+                           "use an earlier checkpoint of the run, or copy this one again") from None
+    if not isinstance(checkpoint, dict):
+        raise StorageError(f"{path}: holds a {type(checkpoint).__name__}, not a Lightning checkpoint")
+    return checkpoint

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import sys
 import tempfile
 from pathlib import Path
 
@@ -31,7 +30,9 @@ import yaml
 
 import storage
 from config import flag_name, redact
+from errors import ArgumentParser, fail
 from objectives import TRAINING_TYPES, get_objective
+from secrets_guard import redact_output, refuse_secret_args
 
 
 class ExportError(ValueError):
@@ -39,7 +40,8 @@ class ExportError(ValueError):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="upload_to_hub.py", description=__doc__.split("\n\n")[0],
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint-path", required=True,
                         help="A .ckpt file, a run folder, a Ray checkpoint or run folder; local or s3://bucket/prefix.")
     parser.add_argument("--repo-id", help="Hub model repo to push to (owner/name).")
@@ -47,6 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--local-dir", help="Export here (default: a temporary folder, removed after the push).")
     parser.add_argument("--public", action="store_true", help="Create the repo public (default: private).")
     args = parser.parse_args(argv)
+    refuse_secret_args(parser, args)
     if args.repo_id is None and args.local_dir is None:
         parser.error("give --repo-id (push), --local-dir (export only), or both")
     if args.repo_id is not None and not os.environ.get("HF_TOKEN"):
@@ -56,25 +59,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def read_checkpoint(ckpt: Path) -> dict:
     """The checkpoint dict of a ``train.py`` checkpoint file."""
-    import torch
-
     if ckpt.is_dir():  # Lightning's FSDP sharded layout: a folder of per-worker shards, no single state dict to load
         raise ExportError(f"--checkpoint-path: {ckpt} is a sharded checkpoint (a folder, from --state-dict-type "
                           "sharded): export from a full checkpoint (train with --state-dict-type full), or use the "
                           "run's final_model/ folder, already a Hugging Face model")
-    return torch.load(ckpt, map_location="cpu", weights_only=False)
+    try:
+        return storage.load_checkpoint(ckpt)
+    except storage.StorageError as exc:  # truncated or corrupt: the message names the file
+        raise ExportError(f"--checkpoint-path {exc}") from None
 
 
 def load_checkpoint_model(ckpt: Path, checkpoint: dict, training_type: str):
     """(model, tokenizer, training config dict) rebuilt from a ``train.py`` checkpoint (``checkpoint``, read from
     ``ckpt``)."""
-    from models import load_tokenizer
+    from models import load_tokenizer, model_folder_problem
 
     cfg = checkpoint.get("train_config")
     if cfg is None or "state_dict" not in checkpoint:
         raise ExportError(f"{ckpt}: not a train.py checkpoint (no train_config or state_dict)")
     if cfg["training_type"] != training_type:
         raise ExportError(f"--training-type {training_type}, but {ckpt} was trained as {cfg['training_type']}")
+    if problem := model_folder_problem(cfg["model_name"], "its --model-name"):  # the model it is rebuilt on
+        raise ExportError(f"{ckpt} was trained from a model that is not there: {problem}")
     model = get_objective(training_type).load_model(cfg["model_name"])
     weights = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
     missing, unexpected = model.load_state_dict(weights, strict=False)
@@ -100,7 +106,8 @@ def final_metrics(ckpt: Path, checkpoint: dict) -> dict[str, float]:
 
 
 def model_card(cfg: dict, metrics: dict[str, float], training_type: str) -> str:
-    config = redact(yaml.safe_dump({flag_name(k)[2:]: v for k, v in cfg.items()}, sort_keys=False))
+    """The README.md of an export, secrets redacted (all of it: a checkpoint of an older version may hold them)."""
+    config = yaml.safe_dump({flag_name(k)[2:]: v for k, v in cfg.items()}, sort_keys=False)
     lines = ["---", "library_name: transformers", "tags: [posttrain, " + training_type + "]", "---", "",
              f"# {training_type} model trained with posttrain", "",
              f"Trained from `{cfg['model_name']}` on `{cfg['dataset_name']}` with `train.py --training-type {training_type}`.", ""]
@@ -108,7 +115,7 @@ def model_card(cfg: dict, metrics: dict[str, float], training_type: str) -> str:
         lines += ["## Final validation metrics", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4g} |" for k, v in sorted(metrics.items())] + [""]
     lines += ["## Training configuration", "", "```yaml", config.rstrip(), "```", ""]
-    return "\n".join(lines)
+    return redact("\n".join(lines))
 
 
 def export(ckpt: Path, training_type: str, folder: Path) -> Path:
@@ -134,6 +141,7 @@ def push(folder: Path, repo_id: str, private: bool) -> str:
 
 
 def main(argv: list[str] | None = None) -> Path | None:
+    redact_output()  # everything printed or logged from here on passes through secrets_guard.redact
     args = parse_args(argv)
     try:
         with tempfile.TemporaryDirectory(prefix="upload-") as tmp:
@@ -148,9 +156,8 @@ def main(argv: list[str] | None = None) -> Path | None:
                 print(f"pushed to {push(folder, args.repo_id, private=not args.public)}"
                       f" ({'public' if args.public else 'private'})")
             return Path(args.local_dir) if args.local_dir else None
-    except (ExportError, OSError) as exc:
-        print(f"upload_to_hub.py: {redact(str(exc))}", file=sys.stderr)
-        raise SystemExit(2) from None
+    except (ExportError, OSError) as exc:  # bad input: one line, exit status 2
+        fail("upload_to_hub.py", redact(str(exc)))
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ import http.client
 import json
 import os
 import re
-import sys
 import threading
 import time
 import urllib.error
@@ -41,6 +40,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from config import redact
+from errors import ArgumentParser, fail
+from secrets_guard import redact_output, refuse_secret_args
 
 DEFAULT_API_JUDGE = "nvidia/llama-3.1-nemotron-70b-reward"
 DEFAULT_BASE_URL = "https://integrate.api.nvidia.com/v1"
@@ -223,12 +224,16 @@ def validation_win_rate(prompts: list[list[dict]], answers: list[str], baseline_
 
 def read_answers(path: str) -> dict[str, dict]:
     """{prompt, completion} by id of the rows inference.py wrote to ``path``."""
+    from custom_dataset import DataError
     from resumable import read_rows
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: no such file (write it with inference.py)")
+    rows = read_rows(Path(path), keys=("id", "prompt", "completion"))
+    if not rows:
+        raise DataError(f"{path}: holds no rows (write it with inference.py)")
     return {str(row["id"]): {"prompt": row["prompt"], "completion": row["completion"]}
-            for row in read_rows(Path(path), keys=("id", "prompt", "completion"))}
+            for row in rows}
 
 
 def make_judge(kind: str, model: str | None) -> tuple[object, str]:
@@ -243,7 +248,8 @@ def make_judge(kind: str, model: str | None) -> tuple[object, str]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="win_rate.py", description=__doc__.split("\n\n")[0],
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--candidates", required=True, help="inference.py output of the model evaluated.")
     parser.add_argument("--baseline", required=True, help="inference.py output of the baseline, same prompt ids.")
     parser.add_argument("--judge", choices=("local", "api"), default="local", help="Where rewards come from.")
@@ -251,10 +257,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=8, help="API calls in flight.")
     parser.add_argument("--max-failure-rate", type=float, default=0.05, help="Stop if more judge calls than this fail.")
     parser.add_argument("--output-dir", required=True, help="per_prompt.jsonl, summary.json and the reward cache.")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    refuse_secret_args(parser, args)  # an API key belongs in JUDGE_API_KEY, not in --judge-model
+    if args.judge == "local" and args.judge_model:
+        from models import model_folder_problem
+
+        if problem := model_folder_problem(args.judge_model, "--judge-model"):
+            parser.error(problem)
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict:
+    redact_output()  # everything printed or logged from here on passes through secrets_guard.redact
     args = parse_args(argv)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -268,9 +282,8 @@ def main(argv: list[str] | None = None) -> dict:
         pairs = [(candidates[i]["prompt"], candidates[i]["completion"]) for i in ids]
         pairs += [(candidates[i]["prompt"], baseline[i]["completion"]) for i in ids]
         rewards = score_all(pairs, cache, judge, args.concurrency, args.max_failure_rate)
-    except (ValueError, OSError, JudgeError) as exc:
-        print(f"win_rate.py: {redact(str(exc))}", file=sys.stderr)
-        raise SystemExit(2) from None
+    except (ValueError, OSError, JudgeError) as exc:  # bad input (DataError is a ValueError): one line, status 2
+        fail("win_rate.py", redact(str(exc)))
     ours, theirs = rewards[: len(ids)], rewards[len(ids):]
     summary = {**win_rate(ours, theirs), "judge": name, "unmatched_ids": len(candidates) - len(ids)}
     with (out / "per_prompt.jsonl").open("w") as handle:
@@ -283,6 +296,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"win rate {100 * summary['win_rate']:.1f}% (95% CI {100 * low:.1f}-{100 * high:.1f}%) over {summary['prompts']} "
           f"prompts: {summary['wins']} wins, {summary['ties']} ties, {summary['losses']} losses; judge {name}"
           + (f"; {dropped} prompt{'s' * (dropped != 1)} dropped because a judge call failed" if dropped else ""))
+    if summary["unmatched_ids"]:
+        print(f"{summary['unmatched_ids']} of the {len(candidates)} --candidates ids are not in --baseline "
+              f"({len(baseline) - len(ids)} of its {len(baseline)} not in --candidates): those prompts were left out")
     return summary
 
 

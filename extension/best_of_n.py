@@ -35,19 +35,25 @@ import gzip
 import json
 import random
 import time
+import zlib
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
+import stopping
 from config import VERIFIER_K_MAX, VERIFIER_K_MIN, VERIFIER_TAU, VERIFIER_TEMPERATURE, ConfigError
 from custom_dataset import DataError
+from errors import ArgumentParser, fail
 from extension.verifier import adaptive_k
 from math_problems import load_problems
 from metrics import auc
 from resumable import append_rows, read_rows, save_or_check_settings
+from secrets_guard import redact_output, refuse_secret_args
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="best_of_n.py", description=__doc__.split("\n\n")[0],
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--verifier", required=True, help="The verifier: a model folder, hub id or alias.")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--generator", help="Sample the candidates from this model.")
@@ -79,6 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "these are), the --candidates sample and all sampling.")
     parser.add_argument("--output-dir", required=True, help="Where results and the resumable intermediate files go.")
     args = parser.parse_args(argv)
+    refuse_secret_args(parser, args)
     if args.n < 1 or args.n & (args.n - 1):
         parser.error(f"--n must be a power of 2 (1, 2, 4, 8, ...), got {args.n}")
     if args.num_problems < 1:
@@ -87,6 +94,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"need 1 <= --k-min <= --k-max, got {args.k_min} and {args.k_max}")
     if args.mixed_only and not args.candidates:
         parser.error("--mixed-only selects among labeled --candidates; it does nothing with --generator")
+    from models import model_folder_problem
+
+    for flag, name in (("--verifier", args.verifier), ("--generator", args.generator)):
+        if name and (problem := model_folder_problem(name, flag)):  # before settings.json records it
+            parser.error(problem)
     return args
 
 
@@ -100,15 +112,12 @@ def final_answer(solution: str, reference: str) -> tuple[str, bool]:
     return check(solution, parse(gold_answer(reference)))
 
 
-def generate_candidates(args: argparse.Namespace, path: Path) -> None:
-    """Append {question_id, question, candidates: [{solution, answer, correct}]} per problem to ``path``,
-    skipping problems already there."""
-    from tqdm import tqdm
-
+def generate_candidates(args: argparse.Namespace, problems: list[dict], path: Path) -> None:
+    """Append {question_id, question, candidates: [{solution, answer, correct}]} for each of ``problems``
+    (``math_problems.load_problems``) to ``path``, skipping problems already there."""
     from collate_functions import generation_prompt_ids
-    from models import generate_from_prompts, load_causal_lm, load_tokenizer
+    from models import generate_from_prompts, load_causal_lm, load_tokenizer, token_bar
 
-    problems = load_problems(args.dataset, "test", args.num_problems, args.seed, args.synthetic_levels)
     done = {row["question_id"] for row in read_rows(path, keys=("question_id",))}
     todo = [p for p in problems if p["question_id"] not in done]
     if not todo:
@@ -117,21 +126,43 @@ def generate_candidates(args: argparse.Namespace, path: Path) -> None:
 
     torch.manual_seed(args.seed + len(done))
     model, tokenizer = load_causal_lm(args.generator).to(device()), load_tokenizer(args.generator)
-    for start in tqdm(range(0, len(todo), args.gen_batch_size), desc="sampling candidates", unit="batch"):
-        batch = todo[start:start + args.gen_batch_size]
-        prompts = [generation_prompt_ids(tokenizer, [{"role": "user", "content": p["question"]},
-                                                     {"role": "assistant", "content": ""}]) for p in batch]
-        # top_k=0: only --gen-temperature shapes the sampling, not Hugging Face's default top_k of 50.
-        answers = generate_from_prompts(model, tokenizer, prompts, args.gen_max_new_tokens, do_sample=True,
-                                        temperature=args.gen_temperature, top_k=0, num_return_sequences=args.n)
-        rows = []
-        for i, problem in enumerate(batch):
-            candidates = []
-            for solution in answers[i * args.n:(i + 1) * args.n]:
-                answer, correct = final_answer(solution, problem["reference"])
-                candidates.append({"solution": solution, "answer": answer, "correct": correct})
-            rows.append({"question_id": problem["question_id"], "question": problem["question"], "candidates": candidates})
-        append_rows(path, rows)
+    stopping.keep(f"the candidates written to {path} (rerun the same command to resume)")
+    with token_bar("sampling candidates") as bar:
+        for start in range(0, len(todo), args.gen_batch_size):
+            batch = todo[start:start + args.gen_batch_size]
+            prompts = [generation_prompt_ids(tokenizer, [{"role": "user", "content": p["question"]},
+                                                         {"role": "assistant", "content": ""}]) for p in batch]
+            # top_k=0: only --gen-temperature shapes the sampling, not Hugging Face's default top_k of 50.
+            answers = generate_from_prompts(model, tokenizer, prompts, args.gen_max_new_tokens, progress=bar, do_sample=True,
+                                            temperature=args.gen_temperature, top_k=0, num_return_sequences=args.n)
+            rows = []
+            for i, problem in enumerate(batch):
+                candidates = []
+                for solution in answers[i * args.n:(i + 1) * args.n]:
+                    answer, correct = final_answer(solution, problem["reference"])
+                    candidates.append({"solution": solution, "answer": answer, "correct": correct})
+                rows.append({"question_id": problem["question_id"], "question": problem["question"], "candidates": candidates})
+            append_rows(path, rows)
+            bar.set_postfix_str(f"{start + len(batch)}/{len(todo)} problems")
+
+
+def _numbered_lines(file: Path) -> Iterator[tuple[int, str]]:
+    """(1-based number, text) of each line of a ``.jsonl`` or ``.jsonl.gz`` file.
+
+    Raises:
+        DataError: the file is not gzip (or is truncated) or not UTF-8 text; the message names it and the line.
+    """
+    number = 0
+    try:
+        with (gzip.open if file.suffix == ".gz" else open)(file, "rb") as handle:
+            for number, line in enumerate(handle, start=1):
+                try:
+                    text = line.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise DataError(f"{file} line {number}: not UTF-8 text ({exc.reason})") from None
+                yield number, text
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        raise DataError(f"{file}: not a readable gzip file ({exc}); after line {number}") from None
 
 
 def read_labeled_candidates(source: Path, num_problems: int, n: int, seed: int = 0,
@@ -158,33 +189,33 @@ def read_labeled_candidates(source: Path, num_problems: int, n: int, seed: int =
     """
     files = sorted(source.glob("*.jsonl*")) if source.is_dir() else [source]
     if not files:
-        raise SystemExit(f"best_of_n.py: --candidates {source}: no .jsonl or .jsonl.gz files")
+        raise DataError(f"--candidates {source}: no .jsonl or .jsonl.gz files")
     by_question: dict[str, dict] = {}
     seen: dict[tuple[str, str, str], tuple[bool, str]] = {}  # candidate -> (its label, where it was first read)
     for file in files:
-        opener = gzip.open if file.suffix == ".gz" else open
-        with opener(file, "rt") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    qid, output = str(row["question_id"]), row["model_output"]
-                    correct = str(row["correctness"]).strip().lower() in ("1", "true", "yes")
-                    question = row["question"]
-                except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                    raise SystemExit(f"best_of_n.py: {file} row {number}: not a labeled candidate ({exc!r})") from exc
-                # The id and the text: ids alone might repeat across files, the text alone across samples.
-                key = (qid, str(row.get("model_output_id", "")), output)
-                if key in seen:  # the same solution with another critique
-                    if seen[key][0] != correct:
-                        raise SystemExit(f"best_of_n.py: {file} row {number}: candidate {key[1]!r} of question {qid} "
-                                         f"is labeled {correct}, but {not correct} in {seen[key][1]}")
-                    continue
-                seen[key] = (correct, f"{file} row {number}")
-                entry = by_question.setdefault(qid, {"question_id": qid, "question": question, "pool": []})
-                entry["pool"].append((key, {"solution": output, "answer": str(row.get("extracted_answer", "")),
-                                            "correct": correct}))
+        for number, line in _numbered_lines(file):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                qid, output = str(row["question_id"]), row["model_output"]
+                correct = str(row["correctness"]).strip().lower() in ("1", "true", "yes")
+                question = row["question"]
+            except KeyError as exc:
+                raise DataError(f"{file} row {number}: not a labeled candidate (no {exc.args[0]!r} column)") from None
+            except (json.JSONDecodeError, TypeError) as exc:
+                raise DataError(f"{file} row {number}: not a labeled candidate ({exc!r})") from None
+            # The id and the text: ids alone might repeat across files, the text alone across samples.
+            key = (qid, str(row.get("model_output_id", "")), output)
+            if key in seen:  # the same solution with another critique
+                if seen[key][0] != correct:
+                    raise DataError(f"{file} row {number}: candidate {key[1]!r} of question {qid} "
+                                    f"is labeled {correct}, but {not correct} in {seen[key][1]}")
+                continue
+            seen[key] = (correct, f"{file} row {number}")
+            entry = by_question.setdefault(qid, {"question_id": qid, "question": question, "pool": []})
+            entry["pool"].append((key, {"solution": output, "answer": str(row.get("extracted_answer", "")),
+                                        "correct": correct}))
     ordered = sorted(by_question.values(), key=lambda e: (len(e["question_id"]), e["question_id"]))
     enough = [e for e in ordered if len(e["pool"]) >= n]
     mixed = [e for e in enough if len({c["correct"] for _, c in e["pool"]}) == 2]
@@ -213,10 +244,8 @@ def device() -> str:
 
 def score_candidates(args: argparse.Namespace, problems: list[dict], path: Path) -> dict[tuple[str, int], dict]:
     """Verifier samples of every candidate, appended to ``path`` per batch and read back on a rerun."""
-    from tqdm import tqdm
-
     from extension.verifier import score_solutions
-    from models import load_causal_lm, load_tokenizer
+    from models import load_causal_lm, load_tokenizer, token_bar
 
     scored = {(r["question_id"], r["index"]): r for r in read_rows(path, keys=("question_id", "index"))}
     todo = [(p["question_id"], i, p["question"], c["solution"]) for p in problems
@@ -225,16 +254,20 @@ def score_candidates(args: argparse.Namespace, problems: list[dict], path: Path)
         model = load_causal_lm(args.verifier).to(device()).eval()
         tokenizer = load_tokenizer(args.verifier)
         k_min = args.k_max if args.compare_fixed_k else args.k_min
-        for start in tqdm(range(0, len(todo), args.prompts_per_batch), desc="verifying candidates", unit="batch"):
-            batch = todo[start:start + args.prompts_per_batch]
-            scores = score_solutions(model, tokenizer, [q for _, _, q, _ in batch], [s for _, _, _, s in batch],
-                                     k_min=k_min, k_max=args.k_max, tau=args.tau,
-                                     temperature=args.verifier_temperature, max_new_tokens=args.verifier_max_new_tokens,
-                                     prompts_per_batch=args.prompts_per_batch, seed=args.seed + len(scored) + start)
-            rows = [{"question_id": qid, "index": index, "p_yes": score.p_yes, "p_normalized": score.p_normalized,
-                     "rationale": score.rationales[0]} for (qid, index, _, _), score in zip(batch, scores)]
-            scored.update({(row["question_id"], row["index"]): row for row in rows})
-            append_rows(path, rows)
+        stopping.keep(f"the verifier scores written to {path} (rerun the same command to resume)")
+        with token_bar("verifying candidates (rationale tokens)") as bar:
+            for start in range(0, len(todo), args.prompts_per_batch):
+                batch = todo[start:start + args.prompts_per_batch]
+                scores = score_solutions(model, tokenizer, [q for _, _, q, _ in batch], [s for _, _, _, s in batch],
+                                         k_min=k_min, k_max=args.k_max, tau=args.tau,
+                                         temperature=args.verifier_temperature, max_new_tokens=args.verifier_max_new_tokens,
+                                         prompts_per_batch=args.prompts_per_batch, seed=args.seed + len(scored) + start,
+                                         progress=bar)
+                rows = [{"question_id": qid, "index": index, "p_yes": score.p_yes, "p_normalized": score.p_normalized,
+                         "rationale": score.rationales[0]} for (qid, index, _, _), score in zip(batch, scores)]
+                scored.update({(row["question_id"], row["index"]): row for row in rows})
+                append_rows(path, rows)
+                bar.set_postfix_str(f"{start + len(batch)}/{len(todo)} candidates")
     return scored
 
 
@@ -347,24 +380,29 @@ RESUME_SETTINGS = ("verifier", "generator", "candidates", "mixed_only", "dataset
                    "verifier_max_new_tokens", "seed")
 
 
+@stopping.stop_on_signals("best_of_n.py")
 def main(argv: list[str] | None = None) -> dict:
+    redact_output()  # everything printed or logged from here on passes through secrets_guard.redact
     args = parse_args(argv)
     started = time.time()
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     try:
-        save_or_check_settings(out / "settings.json", {k: getattr(args, k) for k in RESUME_SETTINGS}, "--output-dir", out)
+        # The inputs are read before settings.json records them: a bad one leaves nothing that blocks a rerun.
         if args.candidates:
             problems = read_labeled_candidates(Path(args.candidates), args.num_problems, args.n, args.seed, args.mixed_only)
             if not problems:
-                raise SystemExit(f"best_of_n.py: --candidates {args.candidates}: no question has {args.n} candidates"
-                                 + (" with both correct and incorrect ones (--mixed-only)" if args.mixed_only else ""))
+                raise DataError(f"--candidates {args.candidates}: no question has {args.n} candidates"
+                                + (" with both correct and incorrect ones (--mixed-only)" if args.mixed_only else ""))
         else:
-            generate_candidates(args, out / "candidates.jsonl")
+            problems = load_problems(args.dataset, "test", args.num_problems, args.seed, args.synthetic_levels)
+        save_or_check_settings(out / "settings.json", {k: getattr(args, k) for k in RESUME_SETTINGS}, "--output-dir", out)
+        if not args.candidates:
+            generate_candidates(args, problems, out / "candidates.jsonl")
             problems = read_rows(out / "candidates.jsonl")[: args.num_problems]
         scored = score_candidates(args, problems, out / "scores.jsonl")
-    except (ConfigError, DataError) as exc:
-        raise SystemExit(f"best_of_n.py: {exc}") from None
+    except (ConfigError, DataError, OSError) as exc:  # bad input: one line, exit status 2
+        fail("best_of_n.py", exc)
     results = report(args, problems, scored)
     results["minutes"] = round((time.time() - started) / 60, 2)
     write_outputs(results, out)

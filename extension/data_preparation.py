@@ -36,15 +36,18 @@ import json
 import os
 import random
 import re
-import sys
 import time
 import zipfile
+import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import stopping
 import synthetic_math
+from errors import ArgumentParser, fail
+from secrets_guard import redact_output, refuse_secret_args
 
 VERIFY_PROMPT = "Verification: Let's verify step by step."
 VERDICT = "Verification: Is the answer correct (Yes/No)?"
@@ -182,6 +185,7 @@ def _jsonl(lines: Iterable[bytes], file: str, report: Report) -> Iterator[tuple[
     """(1-based row number, parsed row) for each non-empty line; bad JSON is skipped and reported."""
     count = 0
     for number, line in enumerate(lines, start=1):
+        stopping.check()  # nothing is written before every row is read
         if not line.strip():
             continue
         count += 1
@@ -189,6 +193,8 @@ def _jsonl(lines: Iterable[bytes], file: str, report: Report) -> Iterator[tuple[
             yield number, json.loads(line)
         except json.JSONDecodeError as exc:
             report.skip(file, number, SkipRow("invalid JSON", str(exc)))
+        except UnicodeDecodeError as exc:
+            report.skip(file, number, SkipRow("not UTF-8 text", str(exc)))
     report.rows_read[file] = report.rows_read.get(file, 0) + count
 
 
@@ -200,6 +206,13 @@ def read_zip_batch(path: Path, out: Collected, report: Report) -> None:
     if name is None:
         raise ValueError(f"{path}: not a critiques_{{correct,incorrect}}_solutions_batch_NN[_val].zip batch name")
     is_correct, is_val = name.group(1) == "correct", name.group(2) is not None
+    try:
+        _read_zip(path, is_correct, is_val, out, report)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as exc:  # not a zip, truncated, or a member that fails its CRC
+        raise ValueError(f"{path}: not a readable zip archive ({exc}); download it again") from None
+
+
+def _read_zip(path: Path, is_correct: bool, is_val: bool, out: Collected, report: Report) -> None:
     with zipfile.ZipFile(path) as archive:
         members = [m for m in archive.namelist() if m.endswith(".jsonl")]
         if not members:
@@ -223,6 +236,13 @@ def read_zip_batch(path: Path, out: Collected, report: Report) -> None:
 
 def read_data_collection(path: Path, out: Collected, report: Report) -> None:
     """Adds one `data_collection/*.jsonl.gz` (or `.jsonl`) file to `out`."""
+    try:
+        _read_collection(path, out, report)
+    except (gzip.BadGzipFile, zlib.error, EOFError) as exc:  # not gzip, or truncated
+        raise ValueError(f"{path}: not a readable gzip file ({exc}); download it again") from None
+
+
+def _read_collection(path: Path, out: Collected, report: Report) -> None:
     opener = gzip.open if path.name.endswith(".gz") else open
     with opener(path, "rb") as lines:
         for number, row in _jsonl(lines, path.name, report):
@@ -277,6 +297,7 @@ def read_synthetic(num_problems: int, seed: int, levels: tuple[int, ...] = (1, 2
     with the same seed and levels, so SFT, DPO and the verifier never train on them); the others are carved."""
     out = Collected()
     for index, (problem, steps) in enumerate(synthetic_math.verification_candidates(num_problems, seed, levels)):
+        stopping.check()
         solution = synthetic_math.solution_text(steps, steps[-1].result)
         rationale, is_correct = synthetic_math.verification_rationale(problem, steps)
         out.verify.append(verify_row(problem.id, problem.question, solution, rationale,
@@ -303,17 +324,30 @@ def read_policy_samples(folder: Path, report: Report) -> Collected:
     if not settings_file.is_file() or not samples_file.is_file():
         raise ValueError(f"--path {folder}: no generation.json and samples.jsonl; --source policy reads a folder "
                          "written by generate_dpo_pairs.py --dataset-name synthetic-math")
-    settings = json.loads(settings_file.read_text())
+    try:
+        settings = json.loads(settings_file.read_bytes())
+        if not isinstance(settings, dict):
+            raise ValueError(f"a JSON {type(settings).__name__}, not an object")
+    except ValueError as exc:  # not UTF-8, not JSON
+        raise ValueError(f"{settings_file}: not generate_dpo_pairs.py's settings file ({exc})") from None
     if settings.get("dataset_name") != synthetic_math.DATASET_NAME:
         raise ValueError(f"{settings_file}: samples of --dataset-name {settings.get('dataset_name')}; --source policy "
                          f"needs {synthetic_math.DATASET_NAME}, whose computations are known")
     levels = tuple(int(x) for x in str(settings["synthetic_levels"]).split(","))
     with samples_file.open("rb") as lines:
         records = list(_jsonl(lines, samples_file.name, report))
-    problems = synthetic_math.problems_by_id([r.get("question_id", "") for _, r in records], levels)
+    for number, record in records:
+        missing = [k for k in ("question_id", "question", "samples", "correct")
+                   if not isinstance(record, dict) or k not in record]
+        if missing:
+            raise ValueError(f"{samples_file} row {number}: not a generate_dpo_pairs.py record (no {', '.join(missing)})")
+    try:
+        problems = synthetic_math.problems_by_id([str(r["question_id"]) for _, r in records], levels)
+    except ValueError as exc:
+        raise ValueError(f"{samples_file}: {exc}") from None
     out = Collected()
     for number, record in records:
-        problem = problems[record["question_id"]]
+        problem = problems[str(record["question_id"])]
         if record.get("question") != problem.question:
             raise ValueError(f"{samples_file} row {number}: the question of {problem.id} is not synthetic-math's "
                              f"with seed and levels {settings['seed']}, {settings['synthetic_levels']}")
@@ -399,8 +433,8 @@ def print_summary(summary: dict, skipped_file: Path | None) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="data_preparation.py", description=__doc__.split("\n\n")[0],
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", choices=("genrm", "synthetic", "policy"), default="genrm",
                         help="genrm: the genrm-critiques files under --path; synthetic: synthetic_math.py, offline; "
                              "policy: a policy's own samples of synthetic-math problems, from generate_dpo_pairs.py.")
@@ -413,6 +447,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Fraction of question ids held out for validation where there are no _val batches.")
     parser.add_argument("--seed", type=int, default=0, help="Seeds the validation carve and the synthetic problems.")
     args = parser.parse_args(argv)
+    refuse_secret_args(parser, args)
     if args.source == "genrm" and args.path is None:
         parser.error("--source genrm needs --path, a clone of genrm-critiques' critiques folder")
     if args.source == "policy" and args.path is None:
@@ -428,8 +463,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+@stopping.stop_on_signals("data_preparation.py")
 def main(argv: list[str] | None = None) -> dict:
     """Run the script; returns the summary it prints (for tests)."""
+    redact_output()  # everything printed or logged from here on passes through secrets_guard.redact
     args = parse_args(argv)
     started = time.time()
     report = Report()
@@ -440,9 +477,14 @@ def main(argv: list[str] | None = None) -> dict:
             collected = read_policy_samples(Path(args.path), report)
         else:
             collected = read_genrm(Path(args.path), report)
-    except (ValueError, OSError, zipfile.BadZipFile) as exc:
-        print(f"data_preparation.py: {exc}", file=sys.stderr)
-        raise SystemExit(1) from exc
+        if not collected.verify and not collected.correct:
+            read = sum(report.rows_read.values())
+            raise ValueError(f"--path {args.path}: no usable row ({read} read, {len(report.skipped)} skipped"
+                             + (f", e.g. {report.skipped[0]['file']} row {report.skipped[0]['row']}: "
+                                f"{report.skipped[0]['reason']}" if report.skipped else "") + ")")
+    except (ValueError, OSError) as exc:  # bad input (files named in the message): one line, exit status 2
+        fail("data_preparation.py", exc)
+    stopping.check()  # a stop before the output is written leaves none; once writing, it is finished
     splits = build_splits(collected, args.val_fraction, args.seed)
     dataset = to_dataset_dict(splits)
     summary = summarize(report, splits)

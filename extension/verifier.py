@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+import stopping
 from config import VERIFIER_K_MAX, VERIFIER_K_MIN, VERIFIER_TAU, VERIFIER_TEMPERATURE
 from extension.data_preparation import VERDICT, build_prompt
 
@@ -200,14 +201,16 @@ class RationaleSampler:
         share_prefix: run each prompt once and copy its cache to the samples (True), or run the prompt again for
             every sample, as ``generate(num_return_sequences=K)`` does (False, for the benchmark).
         seed: seeds the sampling (a ``torch.Generator`` on the model's device).
+        progress: a ``models.token_bar`` the decoding counts its tokens into, step by step (None: no bar).
     """
 
     def __init__(self, model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 256, temperature: float = VERIFIER_TEMPERATURE,
-                 share_prefix: bool = True, seed: int = 0):
+                 share_prefix: bool = True, seed: int = 0, progress=None):
         if not prompts or any(len(p) < 2 for p in prompts):
             raise ValueError("every verification prompt needs at least 2 tokens")
         self.model, self.tokenizer = model, tokenizer
         self.max_new_tokens, self.temperature, self.share_prefix = max_new_tokens, temperature, share_prefix
+        self.progress = progress
         self.device = next(model.parameters()).device
         self.verdict = verdict_tokens(tokenizer)
         from models import left_pad, stop_token_ids
@@ -254,6 +257,7 @@ class RationaleSampler:
         asked = [False] * total  # the token being fed ends the question: its output is the verdict
         results: list[tuple[float, float, str] | None] = [None] * total
         while alive:
+            stopping.check()  # SIGTERM or SIGINT: the rationales in flight are dropped, none is half-scored
             logits = self.model(input_ids=current[:, None], attention_mask=attention, position_ids=position[:, None],
                                 past_key_values=cache, use_cache=True).logits[:, -1]  # (R, V)
             if self.temperature > 0:
@@ -263,6 +267,8 @@ class RationaleSampler:
                 sampled = logits.argmax(-1)
             p_yes, p_normalized = yes_probabilities(logits, verdict.yes_id, verdict.no_id)
             next_tokens, keep = sampled.tolist(), []
+            if self.progress is not None:
+                self.progress.update(len(alive))
             for b, sample in enumerate(alive):
                 if asked[sample]:
                     text = self.tokenizer.decode(generated[sample], skip_special_tokens=True)
@@ -297,20 +303,28 @@ class RationaleSampler:
 
 def score_prompts(model, tokenizer, prompts: list[list[int]], k_min: int = VERIFIER_K_MIN, k_max: int = VERIFIER_K_MAX,
                   tau: float = VERIFIER_TAU, temperature: float = VERIFIER_TEMPERATURE, max_new_tokens: int = 256, prompts_per_batch: int = 8, seed: int = 0,
-                  share_prefix: bool = True, progress: bool = False) -> list[VerifierScore]:
+                  share_prefix: bool = True, progress=False) -> list[VerifierScore]:
     """Verifier scores (r_MajV@K, adaptive K) of verification prompts (token ids), ``prompts_per_batch`` at a time:
     one ``RationaleSampler`` (one prefill) per batch, whose groups decode up to prompts_per_batch * K_min rows.
+    ``progress``: show the rationale tokens as they are decoded (True), or count them into the caller's
+    ``models.token_bar``.
 
     See ``compute_verifier_scores`` for K_min, K_max and tau, ``RationaleSampler`` for the rest.
     """
-    from tqdm import tqdm
+    import contextlib
+
+    from models import token_bar
 
     scores: list[VerifierScore] = []
-    starts = range(0, len(prompts), prompts_per_batch)
-    for start in tqdm(starts, desc="verifying", unit="batch", disable=not progress, leave=False):
-        chunk = prompts[start:start + prompts_per_batch]
-        sampler = RationaleSampler(model, tokenizer, chunk, max_new_tokens, temperature, share_prefix, seed=seed + start)
-        scores += compute_verifier_scores(sampler, len(chunk), k_min, k_max, tau)
+    own = isinstance(progress, bool)
+    with token_bar("verifying (rationale tokens)", progress) if own else contextlib.nullcontext(progress) as bar:
+        for start in range(0, len(prompts), prompts_per_batch):
+            chunk = prompts[start:start + prompts_per_batch]
+            sampler = RationaleSampler(model, tokenizer, chunk, max_new_tokens, temperature, share_prefix, seed=seed + start,
+                                       progress=bar)
+            scores += compute_verifier_scores(sampler, len(chunk), k_min, k_max, tau)
+            if own:
+                bar.set_postfix_str(f"{len(scores)}/{len(prompts)} solutions")
     return scores
 
 

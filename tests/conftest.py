@@ -80,6 +80,40 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def write_secret_dataset(path: Path, secrets: list[str], rows: int = 24) -> Path:
+    """A GSM8K-format file whose questions and answers quote every one of ``secrets``: validation prompts,
+    references and answers, and anything that repeats them, would carry them."""
+    quoted = " ".join(secrets)
+    return write_jsonl(path, [{"question": f"What is {i} + 1? ({quoted})", "answer": f"{quoted}\n#### {i + 1}"}
+                              for i in range(rows)])
+
+
+def strings_in(obj, seen: set | None = None):
+    """Every string in a loaded checkpoint (or any structure): keys and values of dicts, items of sequences, the
+    attributes of objects, the repr of other values; tensors skipped."""
+    import torch
+
+    seen = set() if seen is None else seen
+    if id(obj) in seen or isinstance(obj, torch.Tensor):
+        return
+    seen.add(id(obj))
+    if isinstance(obj, str):
+        yield obj
+    elif isinstance(obj, bytes):
+        yield obj.decode("utf-8", "replace")
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            yield from strings_in(key, seen)
+            yield from strings_in(value, seen)
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        for value in obj:
+            yield from strings_in(value, seen)
+    else:
+        yield repr(obj)
+        if hasattr(obj, "__dict__"):
+            yield from strings_in(vars(obj), seen)
+
+
 @pytest.fixture
 def tiny_run_args(tiny_model_dir, tmp_path):
     """Flags for a fast training run of the tiny model on a small synthetic-math set."""

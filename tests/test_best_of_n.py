@@ -9,6 +9,7 @@ import json
 
 import pytest
 
+from custom_dataset import DataError
 from extension import best_of_n
 
 
@@ -190,7 +191,7 @@ def test_labeled_candidate_with_both_labels_is_an_error(tmp_path):
     row = {"question": "Question 0?", "question_id": 0, "model_output_id": 1, "model_output": "solution 1 of 0",
            "correctness": 0}
     (folder / "c_more.jsonl").write_text(json.dumps(row) + "\n")
-    with pytest.raises(SystemExit, match=r"c_more.jsonl row 1: candidate '1' of question 0 is labeled False, but True"):
+    with pytest.raises(DataError, match=r"c_more.jsonl row 1: candidate '1' of question 0 is labeled False, but True"):
         best_of_n.read_labeled_candidates(folder, 1, 2)
 
 
@@ -215,13 +216,16 @@ def test_best_of_n_run_writes_its_report_and_resumes(tmp_path, tiny_model_dir, c
     assert len(scores.splitlines()) == 8 and all(len(json.loads(r)["p_yes"]) == 4 for r in scores.splitlines())
     again = best_of_n.main(args)  # everything is read back: nothing is sampled again
     assert (out / "scores.jsonl").read_text() == scores and again["table"] == results["table"]
-    with pytest.raises(SystemExit, match="--k-max 4 -> 8"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
         best_of_n.main([*args, "--k-max", "8"])
+    assert stop.value.code == 2 and "--k-max 4 -> 8" in capsys.readouterr().err
     # A bad line before the last is not a crash's torn line: the run stops naming it, and keeps every row.
     lines = scores.splitlines(keepends=True)
     (out / "scores.jsonl").write_text(lines[0][:20] + "\n" + "".join(lines[1:]))
-    with pytest.raises(SystemExit, match=r"scores.jsonl line 1 is not valid JSON"):
+    with pytest.raises(SystemExit) as stop:
         best_of_n.main(args)
+    assert stop.value.code == 2 and "scores.jsonl line 1 is not valid JSON" in capsys.readouterr().err
     assert len((out / "scores.jsonl").read_text().splitlines()) == 8
 
 

@@ -4,6 +4,7 @@ and docs/configuration.md being the generated reference of the current fields.""
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 from pathlib import Path
 
@@ -171,8 +172,11 @@ def test_print_config_prints_yaml_and_runs_nothing(capsys, tmp_path):
 
 
 def test_secrets_from_environment_are_redacted(monkeypatch, tmp_path):
+    """A flag holding a secret is refused (tests/test_secrets.py); a config that holds one all the same (built in
+    code, or read from an older checkpoint) is saved redacted."""
     monkeypatch.setenv("HF_TOKEN", "hf_supersecretvalue")
-    cfg, _ = resolve(["--name", "r", "--storage-path", str(tmp_path), "--model-name", "org/m-hf_supersecretvalue"])
+    cfg, _ = resolve(["--name", "r", "--storage-path", str(tmp_path)])
+    cfg = dataclasses.replace(cfg, model_name="org/m-hf_supersecretvalue")
     assert "hf_supersecretvalue" not in config.to_yaml(cfg)
     saved = config.save(cfg, cfg.run_dir).read_text()
     assert "hf_supersecretvalue" not in saved and "org/m-***" in saved
@@ -227,3 +231,20 @@ def test_configuration_reference_is_current():
     doc = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
     assert doc.read_text() == reference_markdown(), "docs/configuration.md is stale: run `python config.py`"
     assert "`--lambda`" in doc.read_text() and "`--verifier-tau`" in doc.read_text()
+
+
+def test_yaml_numbers_written_as_strings_are_numbers(tmp_path):
+    """PyYAML follows YAML 1.1, which reads `1e-5` (no dot) as a string: a float field takes it, an int field takes
+    a string or float that is a whole number; anything else still names the key."""
+    path = tmp_path / "run.yaml"
+    path.write_text("lr: 1e-5\nbeta: '0.5'\nmax_steps: 1e2\nbatch_size: 4.0\nzero_stage: '3'\n")
+    cfg, _ = resolve(["--config", str(path), "--name", "n"])
+    assert (cfg.lr, cfg.beta, cfg.max_steps, cfg.batch_size, cfg.zero_stage) == (1e-5, 0.5, 100, 4, 3)
+    assert isinstance(cfg.max_steps, int) and isinstance(cfg.batch_size, int)
+    path.write_text("lr: fast\nwarmup_steps: 2.5\nmax_steps: 1e-1\nbeta: .nan\nseed: true\n")
+    with pytest.raises(ConfigError) as refused:
+        resolve(["--config", str(path), "--name", "n"])
+    assert len(refused.value.problems) == 5
+    for key in ("'lr' must be a number", "'warmup_steps' must be an integer", "'max_steps' must be an integer",
+                "'beta' must be a number", "'seed' must be an integer"):
+        assert any(key in p for p in refused.value.problems), key

@@ -19,7 +19,8 @@ import inference
 import train
 import upload_to_hub
 import win_rate
-from config import SECRET_ENV_VARS, redact, resolve
+from config import resolve
+from secrets_guard import SECRET_ENV_VARS, redact
 
 # ---- math accuracy -------------------------------------------------------------------------------------------
 
@@ -61,11 +62,11 @@ def test_inference_resumes_without_duplicating_or_losing_rows(tmp_path, tiny_mod
     real = inference.TransformersBackend.generate
     calls = {"n": 0}
 
-    def crash_on_second_batch(self, batch, args_, seed):
+    def crash_on_second_batch(self, batch, args_, seed, **kwargs):
         calls["n"] += 1
         if calls["n"] == 2:
             raise KeyboardInterrupt("simulated crash mid-run")
-        return real(self, batch, args_, seed)
+        return real(self, batch, args_, seed, **kwargs)
 
     monkeypatch.setattr(inference.TransformersBackend, "generate", crash_on_second_batch)
     with pytest.raises(KeyboardInterrupt):
@@ -103,7 +104,7 @@ def test_transformers_sampling_turns_off_the_default_top_k(tiny_model_dir, monke
     real = backend.model.generate
 
     def recording(**kwargs):
-        seen.append({k: v for k, v in kwargs.items() if k not in ("input_ids", "attention_mask")})
+        seen.append({k: v for k, v in kwargs.items() if k not in ("input_ids", "attention_mask", "stopping_criteria")})
         return real(**kwargs)
 
     monkeypatch.setattr(backend.model, "generate", recording)
@@ -333,7 +334,7 @@ def test_export_reloads_with_the_checkpoints_logits_and_upload_pushes_that_folde
     from models import load_causal_lm
 
     monkeypatch.setenv("HF_TOKEN", "hf_secretTOKEN123")
-    cfg, _ = resolve([*tiny_run_args, "--max-steps", "2", "--val-generate-samples", "0", "--name", "hf_secretTOKEN123"])
+    cfg, _ = resolve([*tiny_run_args, "--max-steps", "2", "--val-generate-samples", "0"])
     train.run(cfg)
     ckpt = cfg.run_dir / "checkpoints" / "last.ckpt"
     reference = load_causal_lm(cfg.model_name)
@@ -493,3 +494,19 @@ def test_validation_accuracy_reads_math_format_data(tmp_path, tiny_run_args, mon
     generations = [json.loads(g) for g in (cfg.run_dir / "generations" / "step-1.jsonl").read_text().splitlines()]
     assert [g["correct"] for g in generations] == [True, False, True, False]
     assert after["val/accuracy"] == 0.5
+
+
+def test_win_rate_prints_the_prompt_ids_it_could_not_match(tmp_path, monkeypatch, capsys):
+    """4 candidate ids, 3 baseline ids, 2 in common: the console says what summary.json says, 2 and 1 left out."""
+
+    class LengthJudge:
+        def reward(self, prompt, response):
+            return float(len(response))
+
+    monkeypatch.setattr(win_rate, "make_judge", lambda kind, model: (LengthJudge(), "length"))
+    ours = _answers(tmp_path, "ours", ["aa", "b", "c", "d"])  # ids 0-3
+    base = write_jsonl(tmp_path / "base.jsonl", [{"id": i, "prompt": [{"role": "user", "content": f"q{i}"}],
+                                                  "completion": "a"} for i in ("0", "1", "9")])
+    summary = win_rate.main(["--candidates", str(ours), "--baseline", str(base), "--output-dir", str(tmp_path / "wr")])
+    assert (summary["prompts"], summary["wins"], summary["ties"], summary["unmatched_ids"]) == (2, 1, 1, 2)
+    assert "2 of the 4 --candidates ids are not in --baseline (1 of its 3 not in --candidates)" in capsys.readouterr().out

@@ -53,6 +53,7 @@ def test_tokenizer_without_chat_template_gets_chatml(tiny_model_dir, tmp_path):
     tokenizer.chat_template = None
     tokenizer.save_pretrained(tmp_path)
     (tmp_path / "chat_template.jinja").unlink(missing_ok=True)
+    (tmp_path / "config.json").write_text((tiny_model_dir / "config.json").read_text())  # a model folder, tokenizer untemplated
     loaded = models.load_tokenizer(str(tmp_path))
     assert loaded.chat_template == models.CHATML_TEMPLATE
 

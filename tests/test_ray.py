@@ -23,7 +23,7 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from conftest import STARTUP_SIGNAL_HANDLERS  # noqa: E402
+from conftest import STARTUP_SIGNAL_HANDLERS, strings_in, write_secret_dataset  # noqa: E402
 
 import storage  # noqa: E402
 import train  # noqa: E402
@@ -135,10 +135,10 @@ def s3_bucket(s3_env, monkeypatch):
     return s3_env, bucket
 
 
-def test_s3_storage_keeps_the_newest_checkpoints_and_a_resubmission_resumes(s3_bucket, tiny_model_dir):
+def test_s3_storage_keeps_the_newest_checkpoints_and_a_resubmission_resumes(s3_bucket, tiny_model_dir, capsys):
     """Checkpoints every 2 steps of 8, keep 2: steps 6 and 8 stay. Logs, config and final model land beside them.
-    Submitting the same name again with 2 epochs starts at step 8, from the newest checkpoint on S3. No secret from
-    the environment is in anything written."""
+    Submitting the same name again with 2 epochs starts at step 8, from the newest checkpoint on S3, and says so;
+    with --overwrite it starts over in an emptied folder. No secret from the environment is in anything written."""
     client, bucket = s3_bucket
     ray.shutdown()  # a local Ray started now passes these AWS variables to its workers, as `ray job submit` does
     uri = f"s3://{bucket}/runs"
@@ -155,12 +155,19 @@ def test_s3_storage_keeps_the_newest_checkpoints_and_a_resubmission_resumes(s3_b
         assert f"runs/s3run/{name}" in keys
     assert any(k.startswith("runs/s3run/tensorboard/events.out.tfevents") for k in keys)
 
+    capsys.readouterr()
     result = train.main([*args, "--max-epochs", "2"])
+    assert f"{uri}/s3run holds a run of this --name: this job continues it from its newest checkpoint" in capsys.readouterr().out
     second = step_losses(read_text(f"{uri}/s3run/csv/version_1/metrics.csv"))
     assert sorted(second) == list(range(8, 16))
     assert "csv/version_0/metrics.csv" in " ".join(  # the first attempt's log is still there
         o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="runs/s3run/csv/")["Contents"])
     assert result["run_dir"] == f"{uri}/s3run"
+
+    train.main([*args, "--overwrite"])
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="runs/s3run/")["Contents"]]
+    assert not any("/csv/version_1/" in k for k in keys)  # the earlier attempts went with --overwrite
+    assert sorted(step_losses(read_text(f"{uri}/s3run/csv/version_0/metrics.csv"))) == list(range(8))
     everything = b"".join(client.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
                           for o in client.list_objects_v2(Bucket=bucket)["Contents"])
     for secret in SECRETS.values():
@@ -207,7 +214,9 @@ def test_a_worker_killed_mid_run_restarts_from_the_last_checkpoint(tiny_model_di
 
 def test_ray_job_submit_on_a_local_cluster_with_secrets_in_the_job_env(tiny_model_dir, tmp_path):
     """`ray start --head`, then our users' way in: `ray job submit --working-dir . --runtime-env-json {env_vars}`.
-    The job succeeds, `ray job logs` shows its output, and the secrets appear in no log, config or checkpoint."""
+    The job succeeds, `ray job logs` shows its output, and the secrets, in the job's environment and quoted by its
+    data (so the validation references and answers carry them), appear in no log, config, generations file or
+    checkpoint (its bytes, and its contents once loaded)."""
     ray.shutdown()  # this module's in-process Ray; the job runs on a cluster of its own
     bin_dir = Path(sys.executable).parent
     # A loopback cluster of the test's own: Ray 2.60's token authentication is switched off for it.
@@ -225,7 +234,9 @@ def test_ray_job_submit_on_a_local_cluster_with_secrets_in_the_job_env(tiny_mode
     address = f"http://127.0.0.1:{dashboard}"
     try:
         runtime_env = {"excludes": [".venv", ".git", "runs"], "env_vars": dict(SECRETS)}
-        args = tiny_args(tiny_model_dir, str(tmp_path), "job", "--batch-size", "4", "--use-ray", "--num-workers", "2")
+        data = write_secret_dataset(tmp_path / "secret-rows.jsonl", list(SECRETS.values()))
+        args = tiny_args(tiny_model_dir, str(tmp_path), "job", "--batch-size", "4", "--use-ray", "--num-workers", "2",
+                         "--dataset-name", str(data), "--test-size", "0.25")
         submit = subprocess.run([*ray_cli, "job", "submit", "--address", address, "--working-dir", ".",
                                  "--runtime-env-json", json.dumps(runtime_env), "--", "python", "train.py", *args],
                                 cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
@@ -239,6 +250,12 @@ def test_ray_job_submit_on_a_local_cluster_with_secrets_in_the_job_env(tiny_mode
         assert (tmp_path / "job" / "final_model" / "model.safetensors").is_file()
         for secret in SECRETS.values():
             assert secret not in logs.stdout and secret not in submit.stdout and secret.encode() not in written
+        assert "***" in next((tmp_path / "job" / "generations").glob("*.jsonl")).read_text()  # the data's, masked
+        checkpoints = list((tmp_path / "job").rglob("*.ckpt"))
+        assert checkpoints
+        for ckpt in checkpoints:
+            inside = "\n".join(strings_in(torch.load(ckpt, map_location="cpu", weights_only=False)))
+            assert not any(secret in inside for secret in SECRETS.values()), ckpt
     finally:
         subprocess.run([*ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
         shutil.rmtree(tmp_path / "job", ignore_errors=True)

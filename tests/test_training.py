@@ -100,3 +100,48 @@ def test_strategies_and_precisions_train(tiny_run_args, flags):
     """Each setting trains to a finite validation loss below the untrained one (about ln 101 = 4.6 per char)."""
     results = _run(tiny_run_args, "--train-dataset-length", "16", "--val-generate-samples", "1", *flags)
     assert 0 < results["after"]["val/loss"] < 4.5
+
+
+def _checkpoints(run_dir) -> tuple[list[str], str]:
+    """The checkpoint files of a run folder and the one last.ckpt links to."""
+    folder = run_dir / "checkpoints"
+    return sorted(p.name for p in folder.iterdir()), (folder / "last.ckpt").resolve().name
+
+
+@pytest.mark.slow
+def test_a_rerun_of_a_name_continues_it_or_starts_it_over_never_both(tiny_run_args, tmp_path, capsys):
+    """A second run of the same --name without --resume-from-checkpoint stops before writing anything, naming both
+    ways on; --overwrite starts clean (no '-v1' files, last.ckpt on the new run); resuming continues in place (also
+    from the run's first checkpoint, whose callback state predates last.ckpt); --mode test still reads the run."""
+    base = [*tiny_run_args, "--val-generate-samples", "0", "--checkpoint-every-n-steps", "1", "--ckpt-to-keep", "-1"]
+    run_dir = tmp_path / "runs" / "tiny"
+    train.main([*base, "--max-steps", "2"])
+    assert _checkpoints(run_dir) == (["epoch=0-step=1.ckpt", "epoch=0-step=2.ckpt", "last.ckpt"], "epoch=0-step=2.ckpt")
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
+    capsys.readouterr()
+
+    with pytest.raises(SystemExit) as stop:
+        train.main([*base, "--max-steps", "3"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and f"{run_dir} already holds a run" in err
+    assert "--resume-from-checkpoint last" in err and "--overwrite" in err
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before  # nothing written, nothing removed
+
+    (run_dir / "checkpoints" / "epoch=0-step=9.ckpt.partial-4242").write_bytes(b"a save cut short")
+    train.main([*base, "--max-steps", "1", "--overwrite"])
+    assert _checkpoints(run_dir) == (["epoch=0-step=1.ckpt", "last.ckpt"], "epoch=0-step=1.ckpt")
+    assert len(list((run_dir / "csv").iterdir())) == 1  # the old run's logs went with it
+
+    train.main([*base, "--max-steps", "3", "--resume-from-checkpoint", "last"])
+    assert _checkpoints(run_dir) == (["epoch=0-step=1.ckpt", "epoch=0-step=2.ckpt", "epoch=0-step=3.ckpt", "last.ckpt"],
+                                     "epoch=0-step=3.ckpt")
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
+    tested = train.main([*base, "--mode", "test", "--resume-from-checkpoint", "last"])
+    assert "val/loss" in tested["test"]
+
+
+def test_overwrite_cannot_resume_from_the_checkpoints_it_removes(tiny_run_args, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train.main([*tiny_run_args, "--overwrite", "--resume-from-checkpoint", "last"])
+    assert "--overwrite removes the checkpoints of run tiny" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
