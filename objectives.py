@@ -48,13 +48,16 @@ def validate_answers(module) -> list[dict]:
     return module.validate_answers()
 
 
+def synthetic_sizes(cfg) -> tuple[int, int]:
+    """(train rows, test rows) of synthetic-math: the row caps, else the defaults."""
+    return cfg.train_dataset_length or SYNTHETIC_TRAIN_ROWS, cfg.test_dataset_length or SYNTHETIC_TEST_ROWS
+
+
 def synthetic_math_data(cfg, pairs: bool = False):
     """The built-in synthetic-math dataset: SFT rows, or preference pairs (correct vs one-slip solution)."""
     import synthetic_math
 
-    return synthetic_math.build_dataset(cfg.train_dataset_length or SYNTHETIC_TRAIN_ROWS,
-                                        cfg.test_dataset_length or SYNTHETIC_TEST_ROWS, seed=cfg.seed,
-                                        levels=cfg.levels(), pairs=pairs)
+    return synthetic_math.build_dataset(*synthetic_sizes(cfg), seed=cfg.seed, levels=cfg.levels(), pairs=pairs)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from losses.logprobs import token_logprobs
 from losses.sft import VERIFIER_PARTS, genrm_loss, genrm_part_sums
 from metrics import auc
 from models import load_causal_lm
-from objectives import SYNTHETIC_TEST_ROWS, SYNTHETIC_TRAIN_ROWS, LossOutput, Objective
+from objectives import LossOutput, Objective, synthetic_sizes
 
 
 def genrm_objective_loss(model, batch: dict, ref=None) -> LossOutput:
@@ -38,8 +38,7 @@ def synthetic_verifier_data(cfg):
     from custom_dataset import verifier_dataset
     from extension import data_preparation as prep
 
-    n_train = cfg.train_dataset_length or SYNTHETIC_TRAIN_ROWS
-    n_test = cfg.test_dataset_length or SYNTHETIC_TEST_ROWS
+    n_train, n_test = synthetic_sizes(cfg)
     collected = prep.read_synthetic(n_test + -(-n_train // 2), cfg.seed, cfg.levels(), held_out=n_test)
     return verifier_dataset(prep.build_splits(collected, 0.0, cfg.seed))
 
