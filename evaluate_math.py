@@ -13,12 +13,11 @@ answer read, the gold answer, correct or not) and ``summary.json`` (accuracy wit
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from errors import ArgumentParser, fail
 from metrics import check, gold_answer, has_final_answer, parse, wilson_interval
-from secrets_guard import redact_output, refuse_secret_args
+from secrets_guard import redact_output, refuse_secret_args, write_json, write_jsonl
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -86,8 +85,8 @@ def main(argv: list[str] | None = None) -> dict:
         results, summary = score(rows)
     except ValueError as exc:  # DataError (a bad line) is a ValueError; its message names the file already
         fail("evaluate_math.py", exc if str(exc).startswith(str(predictions)) else f"{predictions}: {exc}")
-    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results))
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_jsonl(out / "results.jsonl", results)
+    write_json(out / "summary.json", summary)
     low, high = summary["ci95"]
     print(f"accuracy {100 * summary['accuracy']:.1f}% ({summary['correct']}/{summary['problems']}), "
           f"95% CI [{100 * low:.1f}%, {100 * high:.1f}%]; per-problem results in {out / 'results.jsonl'}")

@@ -40,7 +40,7 @@ from math_problems import load_problems
 from metrics import check, parse
 from models import cache_dir, generate_from_prompts, load_causal_lm, load_tokenizer, model_folder_problem, token_bar
 from resumable import append_rows, read_rows, save_or_check_settings
-from secrets_guard import redact_output, refuse_secret_args
+from secrets_guard import redact_dataset, redact_output, refuse_secret_args
 
 SAMPLES_FILE = "samples.jsonl"
 SETTINGS_FILE = "generation.json"
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"problems: {summary['problems']}, pairs: {summary['pairs']}, skipped: "
               + ", ".join(f"{n} {reason}" for reason, n in summary["skipped"].items()))
         print(f"samples: {n_samples}, correct: {n_correct} (sampled accuracy {summary['sampled_accuracy']:.1%})")
-        dataset = build_dataset(pairs, args.test_size, args.seed)
+        dataset = redact_dataset(build_dataset(pairs, args.test_size, args.seed))  # saved and pushed as it is
         print(f"dataset: {len(dataset['train'])} train / {len(dataset['test'])} test pairs")
         if args.output_dir:
             dataset.save_to_disk(args.output_dir)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from config import ConfigError, flag_name
 from custom_dataset import DataError
-from secrets_guard import redact_data
+from secrets_guard import json_lines, write_json
 
 
 def read_rows(path: Path, keys: Iterable[str] = ()) -> list[dict]:
@@ -70,7 +70,7 @@ def append_rows(path: Path, rows: Iterable[dict]) -> None:
     """Append ``rows`` to ``path``, one JSON object a line, in one write that is flushed to disk: a crash loses at
     most these rows and tears at most the last line, which ``read_rows`` then drops. Every string in them passes
     through ``redact`` (a prompt or an answer may quote a key)."""
-    text = "".join(json.dumps(redact_data(row)) + "\n" for row in rows)
+    text = json_lines(rows)
     with path.open("a", encoding="utf-8") as handle:
         handle.write(text)
         handle.flush()
@@ -99,7 +99,7 @@ def save_or_check_settings(path: Path, settings: dict, flag: str, output: Path |
     """On a first run, save ``settings`` (JSON) at ``path`` beside the output; on a rerun, ``check_same_settings``
     against the saved ones."""
     if not path.is_file():
-        path.write_text(json.dumps(settings, indent=2) + "\n")
+        write_json(path, settings)
         return
     try:
         saved = json.loads(path.read_text())

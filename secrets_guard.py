@@ -13,16 +13,22 @@ is secret: the value of any of those variables, and any token-shaped string (``h
   through ``redact`` (so do a Ray job's logs: the driver's and the workers' output);
 - files: config.yaml (``config.to_yaml``), every string in a checkpoint (``module.on_save_checkpoint``: the
   config, the checkpoint callback's paths), the model card (``upload_to_hub.model_card``), the generations files
-  (``module._save_generations``) and every row a script appends (``resumable.append_rows``).
+  (``module._save_generations``), every row a script appends (``resumable.append_rows``), every other file a
+  script writes whole (``write_text``, ``write_json``, ``write_jsonl``: the reports and summaries of win_rate.py,
+  evaluate_math.py, extension/best_of_n.py and bench/) and every dataset a script saves or pushes
+  (``redact_dataset``: generate_dpo_pairs.py, extension/data_preparation.py).
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import re
 import sys
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 # Environment variables that may hold secrets; their values are never printed or saved.
@@ -181,3 +187,48 @@ def redact_output() -> None:
                 handler.setStream(RedactingStream(stream))
     if not getattr(logging.getLogRecordFactory(), "redacts", False):
         logging.setLogRecordFactory(_redacting(logging.getLogRecordFactory()))
+
+
+# ---- files --------------------------------------------------------------------------------------------------
+
+def write_text(path: Path | str, text: str) -> Path:
+    """Write what ``redact`` leaves of ``text`` to ``path`` (its folder made if missing), atomically: through a
+    staged file beside it renamed over it, so a crash leaves the old file or none, never half of one. Returns the
+    path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(path.name + ".tmp")
+    staging.write_text(redact(text), encoding="utf-8")
+    staging.replace(path)
+    return path
+
+
+def json_lines(rows: Iterable[Any]) -> str:
+    """``rows`` as JSON lines (one a line, each ended by a newline), every string in them redacted."""
+    return "".join(json.dumps(redact_data(row)) + "\n" for row in rows)
+
+
+def write_json(path: Path | str, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON to ``path`` through ``write_text``, every string in it redacted."""
+    return write_text(path, json.dumps(redact_data(obj), indent=2) + "\n")
+
+
+def write_jsonl(path: Path | str, rows: Iterable[Any]) -> Path:
+    """Write ``rows`` to ``path``, one JSON object a line (``json_lines``), through ``write_text``."""
+    return write_text(path, json_lines(rows))
+
+
+def redact_dataset(dataset):
+    """A ``datasets.Dataset`` (or each split of a ``DatasetDict``) with ``redact`` applied to every string in it,
+    its features kept; the dataset itself when nothing in it is secret. For a dataset about to be saved
+    (``save_to_disk``, ``to_json``) or pushed to the Hub."""
+    import datasets
+
+    if isinstance(dataset, datasets.DatasetDict):
+        splits = {name: redact_dataset(split) for name, split in dataset.items()}
+        if all(splits[name] is split for name, split in dataset.items()):
+            return dataset
+        return datasets.DatasetDict(splits)
+    columns = dataset.to_dict()
+    clean = redact_data(columns)
+    return dataset if clean is columns else datasets.Dataset.from_dict(clean, features=dataset.features)

@@ -41,7 +41,7 @@ from pathlib import Path
 
 from config import redact
 from errors import ArgumentParser, fail
-from secrets_guard import redact_output, refuse_secret_args
+from secrets_guard import redact_output, refuse_secret_args, write_json, write_jsonl
 
 DEFAULT_API_JUDGE = "nvidia/llama-3.1-nemotron-70b-reward"
 DEFAULT_BASE_URL = "https://integrate.api.nvidia.com/v1"
@@ -286,11 +286,11 @@ def main(argv: list[str] | None = None) -> dict:
         fail("win_rate.py", redact(str(exc)))
     ours, theirs = rewards[: len(ids)], rewards[len(ids):]
     summary = {**win_rate(ours, theirs), "judge": name, "unmatched_ids": len(candidates) - len(ids)}
-    with (out / "per_prompt.jsonl").open("w") as handle:
-        for i, c, b in zip(ids, ours, theirs):
-            handle.write(json.dumps({"id": i, "prompt": candidates[i]["prompt"], "candidate": candidates[i]["completion"],
-                                     "baseline": baseline[i]["completion"], "candidate_reward": c, "baseline_reward": b}) + "\n")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    per_prompt = [{"id": i, "prompt": candidates[i]["prompt"], "candidate": candidates[i]["completion"],
+                   "baseline": baseline[i]["completion"], "candidate_reward": c, "baseline_reward": b}
+                  for i, c, b in zip(ids, ours, theirs)]
+    write_jsonl(out / "per_prompt.jsonl", per_prompt)
+    write_json(out / "summary.json", summary)
     low, high = summary["ci95"]
     dropped = summary["dropped_failed_judge"]
     print(f"win rate {100 * summary['win_rate']:.1f}% (95% CI {100 * low:.1f}-{100 * high:.1f}%) over {summary['prompts']} "

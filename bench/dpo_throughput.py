@@ -48,6 +48,7 @@ from typing import Any
 
 from bench.sft_throughput import ROOT, StepClock, bench_parser, check_args, save_result, train_config  # also sets the offline env
 from config import flag_name
+from secrets_guard import redact_output
 
 RUNS = ("ours-live", "precompute", "ours-precomputed", "trl")  # subprocesses, in this order; "precompute" is untimed
 TARGET_VS_TRL = 1.0  # ours (live reference) / TRL, pairs/s
@@ -275,6 +276,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    redact_output()  # everything printed or logged from here on passes through secrets_guard.redact
     args = parse_args(argv)
     if args.only == "precompute":
         result = measure_precompute(args)

@@ -36,7 +36,6 @@ import gc
 import json
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 for var, value in (("HF_HUB_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
@@ -48,6 +47,7 @@ from losses.dpo import dpo_loss, sequence_logps  # noqa: E402
 from losses.logprobs import IGNORE_INDEX, head_logprobs, token_logprobs  # noqa: E402
 from losses.sft import sft_loss  # noqa: E402
 from precision import convert_to_fp8, enable_activation_checkpointing, fp8_context, import_te, te_recipe  # noqa: E402
+from secrets_guard import redact_output, write_json  # noqa: E402
 
 # The config.json fields that shape compute, of Qwen/Qwen2.5-0.5B, -1.5B and -3B (all tie their embeddings).
 _QWEN25 = dict(num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rope_theta=1000000.0,
@@ -339,6 +339,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    redact_output()  # everything printed or logged from here on passes through secrets_guard.redact
     args = parse_args(argv)
     backend = fp8_backend(args.fp8_backend) if "fp8" in args.precisions else None
     if args.compile or args.compile_head:
@@ -360,8 +361,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.gemms:
         result["gemms"] = gemm_rows(args, backend or fp8_backend(args.fp8_backend))
         if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+            write_json(args.out, result)
         print(gemm_table(result["gemms"]))
         return result
     for kind, precision, seq, micro_batch, checkpointing in configurations(args):
@@ -371,8 +371,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["rows"].append(row)
         print(json.dumps(row), flush=True)
         if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+            write_json(args.out, result)
     print(table(result["rows"]))
     return result
 

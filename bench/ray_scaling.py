@@ -16,12 +16,13 @@ Record the table and the machine in docs/scaling.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from secrets_guard import redact_output, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 WARMUP_STEPS = 2
@@ -54,6 +55,7 @@ def run(workers: int, args: argparse.Namespace, folder: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
+    redact_output()  # everything printed or logged from here on passes through secrets_guard.redact
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", default="1,2", help="Worker counts to run, comma separated.")
     parser.add_argument("--model", default="smollm2-135m-instruct", help="Model name or folder (train.py --model-name).")
@@ -74,8 +76,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for r in results:
         print(f"| {r['workers']} | {r['batch_per_worker']} | {r['steps_per_s']:.3f} | {r['steps_per_s'] / base:.2f}x |")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=1))
+        write_json(args.out, results)
     return results
 
 

@@ -43,6 +43,7 @@ for var, value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("TOKE
 
 from collate_functions import IGNORE_INDEX, target_count  # noqa: E402  (after the offline env)
 from config import TrainConfig, flag_name, resolve  # noqa: E402
+from secrets_guard import redact_output, write_json  # noqa: E402
 
 WARMUP_STEPS = 2  # optimizer steps run before the clock starts: allocator growth, first-call overheads
 TEST_ROWS = 8  # our trainer needs a validation split; it is only used after the timed steps
@@ -245,10 +246,9 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> arg
 
 
 def save_result(out: str | None, result: dict[str, Any]) -> None:
-    """Write the results as JSON to --out, if given."""
+    """Write the results as JSON to --out, if given (secrets redacted)."""
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(out, result)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -257,6 +257,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    redact_output()  # everything printed or logged from here on passes through secrets_guard.redact
     args = parse_args(argv)
     if args.only:
         result = {"ours": measure_ours, "trl": measure_trl}[args.only](args)

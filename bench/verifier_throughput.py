@@ -31,6 +31,7 @@ import time
 from typing import Any
 
 from config import VERIFIER_K_MAX, VERIFIER_K_MIN, VERIFIER_TAU, VERIFIER_TEMPERATURE
+from secrets_guard import redact_output
 
 for var, value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
     os.environ.setdefault(var, value)
@@ -177,6 +178,7 @@ def replay(streams: list[list[float]], labels: list[bool], k_min: int, k_max: in
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    redact_output()  # everything printed or logged from here on passes through secrets_guard.redact
     import torch
 
     from bench.sft_throughput import save_result

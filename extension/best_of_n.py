@@ -48,7 +48,7 @@ from extension.verifier import adaptive_k
 from math_problems import load_problems
 from metrics import auc
 from resumable import append_rows, read_rows, save_or_check_settings
-from secrets_guard import redact_output, refuse_secret_args
+from secrets_guard import redact_output, refuse_secret_args, write_json, write_text
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -336,7 +336,7 @@ def report(args: argparse.Namespace, problems: list[dict], scored: dict[tuple[st
 
 
 def write_outputs(results: dict, out: Path) -> None:
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_json(out / "results.json", results)
     table = results["table"]
     names = [k for k in table[0] if k != "N"]
     lines = ["| N | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
@@ -349,7 +349,7 @@ def write_outputs(results: dict, out: Path) -> None:
         notes.append(f"Against fixed K={results['rationales_fixed_k']} (AUC {fmt(results['auc_fixed_k'])}): "
                      f"decisions (score >= 0.5) agree on {100 * results['decision_agreement']:.1f}% of candidates, "
                      f"Best-of-{results['candidates_per_problem']} picks on {100 * results['pick_agreement']:.1f}% of problems.")
-    (out / "table.md").write_text("\n".join(lines + [""] + notes) + "\n")
+    write_text(out / "table.md", "\n".join(lines + [""] + notes) + "\n")
     print("\n".join(lines + [""] + notes))
     import matplotlib
 

@@ -47,7 +47,7 @@ from pathlib import Path
 import stopping
 import synthetic_math
 from errors import ArgumentParser, fail
-from secrets_guard import redact_output, refuse_secret_args
+from secrets_guard import redact_dataset, redact_output, refuse_secret_args, write_jsonl
 
 VERIFY_PROMPT = "Verification: Let's verify step by step."
 VERDICT = "Verification: Is the answer correct (Yes/No)?"
@@ -486,7 +486,7 @@ def main(argv: list[str] | None = None) -> dict:
         fail("data_preparation.py", exc)
     stopping.check()  # a stop before the output is written leaves none; once writing, it is finished
     splits = build_splits(collected, args.val_fraction, args.seed)
-    dataset = to_dataset_dict(splits)
+    dataset = redact_dataset(to_dataset_dict(splits))  # saved and pushed as it is
     summary = summarize(report, splits)
     skipped_file = None
     if args.output_dir:
@@ -494,7 +494,7 @@ def main(argv: list[str] | None = None) -> dict:
         # back (IndexError in concat_tables): one shard each keeps the folder loadable.
         dataset.save_to_disk(args.output_dir, num_shards={name: 1 for name, split in dataset.items() if len(split) == 0})
         skipped_file = Path(args.output_dir) / "skipped.jsonl"
-        skipped_file.write_text("".join(json.dumps(s) + "\n" for s in report.skipped))
+        write_jsonl(skipped_file, report.skipped)
     print_summary(summary, skipped_file)
     if args.output_dir:
         print(f"saved to {args.output_dir}")
