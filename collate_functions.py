@@ -178,14 +178,16 @@ class LengthGroupedBatchSampler:
     differ between epochs even on a few hundred rows), sorted by length inside each,
     then cut into global batches (``batch_size`` x ``world_size`` rows) whose order is shuffled again. With
     ``shuffle=False`` batches are sorted by length. Resumable: ``skip_batches(epoch, n)`` makes the iteration of
-    ``epoch`` start at batch ``n``. Distributed: each step's global batch is split into ``world_size`` consecutive
+    ``epoch`` start at batch ``n``. With ``repeat`` > 1 every accumulation window comes that many times in a row.
+    Distributed: each step's global batch is split into ``world_size`` consecutive
     slices, rank r taking slice r; so the rows of every optimizer step are the same for 2 workers of batch B as for
     1 worker of batch 2B, and only the arithmetic is spread out.
     """
 
     def __init__(self, lengths: list[int], targets: list[int], batch_size: int, accumulate: int = 1,
-                 shuffle: bool = True, seed: int = 0, group: int = 16, rank: int = 0, world_size: int = 1):
-        self.lengths, self.targets = lengths, targets
+                 shuffle: bool = True, seed: int = 0, group: int = 16, rank: int = 0, world_size: int = 1,
+                 repeat: int = 1):
+        self.lengths, self.targets, self.repeat = lengths, targets, repeat
         self.batch_size, self.accumulate, self.shuffle = batch_size, accumulate, shuffle
         self.seed, self.group, self.rank, self.world_size = seed, group, rank, world_size
         self.epoch = 0
@@ -222,11 +224,18 @@ class LengthGroupedBatchSampler:
 
     def _steps(self) -> list[list[list[int]]]:
         # A short global batch with fewer rows than ranks would leave a rank without data: it is left out.
-        return [self._slices(b) for b in self.plan(self.epoch) if len(b) >= self.world_size]
+        steps = [self._slices(b) for b in self.plan(self.epoch) if len(b) >= self.world_size]
+        if self.repeat == 1:
+            return steps
+        # Each whole accumulation window ``repeat`` times in a row (online RL's --updates-per-rollout: several
+        # optimizer steps on one batch of rollouts); a last, short window is left out, or its repeats would merge.
+        a = self.accumulate
+        return [s for w in range(0, len(steps) - a + 1, a) for _ in range(self.repeat) for s in steps[w:w + a]]
 
     def __len__(self) -> int:
         n, size = len(self.lengths), self.batch_size * self.world_size
-        return n // size + (n % size >= self.world_size)
+        steps = n // size + (n % size >= self.world_size)
+        return steps if self.repeat == 1 else steps // self.accumulate * self.accumulate * self.repeat
 
     def __iter__(self) -> Iterator[BatchPlan]:
         steps = self._steps()

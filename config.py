@@ -138,13 +138,47 @@ class TrainConfig:
     precompute_ref_logps: bool = _f(
         False, "DPO: compute the reference log-probs in one pass before training (cached on disk) and keep only the policy in memory."
     )
+    # Online RL (--training-type rloo, grpo).
+    num_generations: int = _f(4, "Online RL: answers sampled per prompt (K, at least 2); each one's baseline comes from the others.")
+    temperature: float = _f(1.0, "Online RL: sampling temperature of the answers (the loss reads the policy at temperature 1).")
+    top_p: float = _f(1.0, "Online RL: nucleus sampling mass of the answers (1: the whole distribution).")
+    reward: list[str] = _f(
+        ["math"], "Online RL: a reward source, repeat the flag for several: math, format, bt:PATH, genrm:PATH, "
+        "api[:MODEL], python:MODULE:FUNCTION (see rewards.py).")
+    reward_weights: str | None = _f(None, "Online RL: weights of the --reward sources in order, comma separated (default: all 1).")
+    genrm_gate: bool = _f(
+        False, "Online RL: ask the genrm verifier only where the math reward cannot decide (no reference answer, or "
+        "math-verify says wrong).")
+    verifier_max_new_tokens: int = _f(256, "Online RL's genrm reward: token budget of each verification rationale.")
+    advantage_estimator: str | None = _f(
+        None, "Online RL baseline: rloo (leave-one-out), grpo ((r - mean) / std over the K), dr_grpo (r - mean). "
+        "Unset: rloo for rloo, grpo for grpo.", choices=("rloo", "grpo", "dr_grpo"))
+    kl_coef: float | None = _f(
+        None, "Online RL: weight of the KL to a frozen reference (0 loads no reference). Unset: 0.05 for rloo, 0 for "
+        "grpo.")
+    kl_estimator: str | None = _f(None, "Online RL: per-token KL estimator. Unset: k1 for rloo, k3 for grpo.",
+                                  choices=("k1", "k2", "k3"))
+    kl_placement: str | None = _f(
+        None, "Online RL: the KL as a sequence-level penalty in the reward, or a per-token term of the loss. Unset: "
+        "reward for rloo, loss for grpo.", choices=("reward", "loss"))
+    loss_normalization: str | None = _f(
+        None, "Online RL loss reduction, none length-biased: sequence (token sums, mean over answers), constant (token "
+        "sums / --max-new-tokens, Dr. GRPO) or token (mean over the micro-batch's answer tokens, DAPO). Unset: "
+        "sequence for rloo, token for grpo.", choices=("sequence", "constant", "token"))
+    updates_per_rollout: int = _f(
+        1, "Online RL: optimizer steps per batch of rollouts; above 1, PPO's clipped ratio (--clip-eps) keeps the "
+        "later steps near the sampling policy.")
+    clip_eps: float = _f(0.2, "Online RL: PPO clip range of the probability ratio (matters with --updates-per-rollout > 1).")
+    truncated_answers: str = _f(
+        "reward", "Online RL: answers that hit --max-new-tokens are rewarded like the others, or masked out of the "
+        "loss (counted either way).", choices=("reward", "mask"))
     # Evaluation.
     check_val_every_n_epoch: int = _f(1, "Validate every N epochs.")
     num_sanity_val_steps: int = _f(2, "Validation batches run before training to catch errors early (0 disables).")
     val_generate_samples: int = _f(
         64, "Validation rows answered by greedy generation for edit distance and answer accuracy (0 disables)."
     )
-    max_new_tokens: int = _f(256, "Generation budget for validation answers.")
+    max_new_tokens: int = _f(256, "Generation budget of validation answers, and of online RL's sampled answers.")
     eval_before_training: bool = _f(False, "Run the validation metrics once before training, for a before/after report.")
     calculate_win_rate: bool = _f(False, "Compute the win rate against a baseline during validation (see --win-rate-baseline).")
     win_rate_baseline: str | None = _f(
@@ -218,6 +252,12 @@ def _base_type(annotation: Any) -> type:
 FIELD_TYPES = {name: _base_type(name) for name in FIELDS}
 
 
+def default_value(name: str) -> Any:
+    """The default of a field (a fresh copy of a list default)."""
+    f = FIELDS[name]
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of train.py. Defaults are suppressed so that only flags actually given override YAML."""
     parser = ArgumentParser(  # a bad flag: one line, exit status 2
@@ -230,11 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--print-config", action="store_true", help="Print the resolved config as YAML and exit.")
     for name, f in FIELDS.items():
         kind = FIELD_TYPES[name]
-        kwargs: dict[str, Any] = {"help": f"{f.metadata['help']} (default: {f.default})", "dest": name}
+        kwargs: dict[str, Any] = {"help": f"{f.metadata['help']} (default: {default_value(name)})", "dest": name}
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(kind) is list:  # repeat the flag: --reward math --reward format
+            kwargs.update(action="append", type=str, metavar=name.upper())
         else:
             kwargs["type"] = kind
             kwargs["metavar"] = name.rstrip("_").upper()
@@ -286,6 +328,10 @@ def _coerce_yaml_value(key: str, value: Any, source: str) -> tuple[Any, str | No
         value = float(number)
     if kind is str:
         value = str(value)
+    if typing.get_origin(kind) is list:  # a list, or one value standing for a list of one
+        value = value if isinstance(value, list) else [value]
+        if not value or not all(isinstance(v, str) for v in value):
+            return value, f"{source}: '{key}' must be a list of text values, got {value!r}"
     choices = FIELDS[key].metadata.get("choices")
     if choices and value not in choices:
         return value, f"{source}: '{key}' must be one of {', '.join(choices)}, got {value!r}"
@@ -358,11 +404,15 @@ def validate(cfg: TrainConfig) -> list[str]:
     need(cfg.verifier_tau >= 0, f"--verifier-tau must be 0 or more, got {cfg.verifier_tau}")
     need(cfg.verifier_temperature >= 0, f"--verifier-temperature must be 0 or more, got {cfg.verifier_temperature}")
     objective = get_objective(cfg.training_type)
-    if not objective.uses_reference:
-        need(cfg.ref_model_name is None, f"--ref-model-name is for a training type with a reference model (dpo), "
-                                         f"not {cfg.training_type}")
+    if not objective.needs_reference(cfg):
+        need(cfg.ref_model_name is None, f"--ref-model-name is for a run with a reference model (dpo; rloo or "
+                                         f"grpo with --kl-coef above 0), not this {cfg.training_type} run")
         need(not cfg.precompute_ref_logps, f"--precompute-ref-logps is for a training type with a reference model "
                                            f"(dpo), not {cfg.training_type}")
+    if objective.check is not None:
+        problems += objective.check(cfg)
+    need(objective.online or cfg.updates_per_rollout == 1,
+         f"--updates-per-rollout is for online RL (rloo, grpo), not {cfg.training_type}")
     try:
         need(all(1 <= lv <= 4 for lv in cfg.levels()), f"--synthetic-levels must be levels 1-4, got {cfg.synthetic_levels!r}")
     except ValueError:
@@ -476,6 +526,9 @@ def resolve(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namesp
         cfg.use_gpu = not cfg.use_ray and torch.cuda.is_available()
     if cfg.name is None:
         cfg.name = f"{cfg.training_type}-{time.strftime('%Y%m%d-%H%M%S')}"
+    for key, value in get_objective(cfg.training_type).defaults.items():  # unset settings the objective decides
+        if getattr(cfg, key) is None:
+            setattr(cfg, key, value)
     problems += validate(cfg)
     if problems:
         raise ConfigError(problems)
@@ -526,7 +579,7 @@ def reference_markdown() -> str:
             choices = f.metadata.get("choices")
             if choices:
                 kind = " \\| ".join(f"`{c}`" for c in choices)
-            default = "none" if f.default is None else f"`{f.default}`"
+            default = "none" if default_value(name) is None else f"`{default_value(name)}`"
             text = f.metadata["help"].replace("|", "\\|")
             out.append(f"| `{flag_name(name)}` | `{name.rstrip('_')}` | {kind} | {default} | {text} |")
         out.append("")

@@ -410,15 +410,19 @@ def row_problem(exc: Exception, row: dict[str, Any], fmt: str) -> str:
     return f"malformed row ({type(exc).__name__}: {exc!s}; columns {', '.join(map(repr, columns))})"
 
 
-def normalise(split, fmt: str, dataset_name: str, split_name: str, invalid_rows: str = "error") -> list[dict]:
+def normalise(split, fmt: str, dataset_name: str, split_name: str, invalid_rows: str = "error",
+              keep_columns: bool = False) -> list[dict]:
     """Apply the format adapter to every row. A bad row raises an error naming it, or with
-    ``invalid_rows='skip'`` is left out and counted (each reason printed with its count and first row)."""
+    ``invalid_rows='skip'`` is left out and counted (each reason printed with its count and first row).
+    ``keep_columns``: keep the row's own columns too, as ``columns`` (online RL's python rewards read them)."""
     adapter = FORMATS[fmt][0]
     out, skipped = [], {}
     for i, row in enumerate(split):
         i = row.get(SOURCE_ROW, i)
         try:
             out.append({**adapter(row), "row": i})
+            if keep_columns:
+                out[-1]["columns"] = {k: v for k, v in row.items() if k != SOURCE_ROW}
         except (DataError, KeyError, TypeError, AttributeError) as exc:
             message = row_problem(exc, row, fmt)
             if invalid_rows == "error":
@@ -444,7 +448,8 @@ class CustomDataset(torch.utils.data.Dataset):
         raw = load_raw(cfg)
         columns = [c for c in raw["train"].column_names if c != SOURCE_ROW]
         fmt = detect_format(columns, cfg.dataset_source, cfg.dataset_name, cfg.training_type)
-        train = normalise(raw["train"], fmt, cfg.dataset_name, "train", cfg.invalid_rows)
+        keep = get_objective(cfg.training_type).online
+        train = normalise(raw["train"], fmt, cfg.dataset_name, "train", cfg.invalid_rows, keep)
         train = select_rows(train, cfg.train_percentile, cfg.train_dataset_length, cfg.dataset_random_sample, cfg.seed)
         if not train:
             raise DataError(f"--dataset-name {cfg.dataset_name}: no training rows left after selection")
@@ -455,7 +460,7 @@ class CustomDataset(torch.utils.data.Dataset):
             (cfg.dataset_name, "--dataset-name")
         if cfg.test_dataset_name:  # another file: its columns must hold the training rows' format
             detect_format(raw["test"].column_names, fmt, test_name, cfg.training_type)
-        test = normalise(raw["test"], fmt, test_name, "test", cfg.invalid_rows)
+        test = normalise(raw["test"], fmt, test_name, "test", cfg.invalid_rows, keep)
         test = select_rows(test, cfg.test_percentile, cfg.test_dataset_length, cfg.dataset_random_sample, cfg.seed)
         if not test:
             raise DataError(f"{test_flag} {test_name}: no test rows left after selection")

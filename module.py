@@ -54,7 +54,10 @@ class PostTrainingModule(pl.LightningModule):
         self.cfg, self.model, self.tokenizer = cfg, model, tokenizer
         self.train_set, self.val_set = train_set, val_set
         self.objective = objective or get_objective(cfg.training_type)
-        self.loss_fn, self.total = self.objective.bound_loss(cfg), self.objective.bound_total(cfg)
+        # Online RL's run state (sampler, rewards; ``online_rl.Rollouts``), saved in checkpoints; None elsewhere.
+        self.rollouts = self.objective.setup(self) if self.objective.setup is not None else None
+        state = {"rollouts": self.rollouts} if self.rollouts is not None else {}
+        self.loss_fn, self.total = self.objective.bound_loss(cfg, **state), self.objective.bound_total(cfg)
         self._val_sums = self._val_units = None  # loss sums and units of the validation pass (per part)
         self._judges: dict = {}  # --calculate-win-rate's judge, loaded once (a plain dict: not a submodule)
         self.collator = self.objective.collator(tokenizer.pad_token_id)
@@ -76,6 +79,7 @@ class PostTrainingModule(pl.LightningModule):
             batch_size=self.cfg.batch_size,
             accumulate=self.cfg.accumulate_grad_batches if shuffle else 1,
             shuffle=shuffle, seed=self.cfg.seed, rank=rank, world_size=world,
+            repeat=self.cfg.updates_per_rollout if shuffle else 1,
         )
         if shuffle and self._resume_position:
             sampler.skip_batches(self._resume_position["epoch"], self._resume_position["batches"])
@@ -246,11 +250,15 @@ class PostTrainingModule(pl.LightningModule):
         checkpoint["val_metrics"] = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("val/")}
         if self._data_position is not None:
             checkpoint["data_position"] = dict(self._data_position)
+        if self.rollouts is not None:  # the sampler's random state: a resumed run draws the same answers
+            checkpoint["rollouts"] = self.rollouts.state_dict()
         # Every string the checkpoint holds (this config, the checkpoint callback's paths, ...) passes through redact.
         checkpoint.update({key: redact_data(value) for key, value in checkpoint.items()})
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._resume_position = checkpoint.get("data_position")
+        if self.rollouts is not None and "rollouts" in checkpoint:
+            self.rollouts.load_state_dict(checkpoint["rollouts"])
 
     def state_dict(self, *args, **kwargs) -> dict:
         """The trained weights only: the frozen reference is rebuilt from --model-name/--ref-model-name."""

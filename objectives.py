@@ -10,8 +10,8 @@ several parts), ``units`` how many units the batch holds. The module divides by 
 window once, through ``total(loss_sum, units, **total_args)`` (``per_unit_mean``, or GenRM-CoT's
 ``losses.sft.genrm_loss``), so the loss functions under ``losses/`` stay pure and know nothing of batching.
 
-``sft_verifier`` lives in ``extension/genrm.py``: the registry names where, and loads it only when it is used, so
-the core never imports ``extension/``. Adding a training type: docs/adding-a-training-type.md.
+``sft_verifier`` lives in ``extension/genrm.py`` and the online-RL types ``rloo`` and ``grpo`` in ``online_rl.py``:
+the registry names where, and loads them only when used (so the core never imports ``extension/``). Adding a training type: docs/adding-a-training-type.md.
 """
 
 from __future__ import annotations
@@ -76,12 +76,21 @@ class Objective:
     total_args: dict[str, str] = field(default_factory=dict)  # keyword of ``total`` -> TrainConfig field
     parts: tuple[str, ...] = ()  # names of a loss's parts ('<name>_loss' is logged for each), if several
     validate: Callable[[Any], list[dict]] | None = None  # (module) -> the generations of a validation pass
-    uses_reference: bool = False  # a frozen reference model (--ref-model-name, --precompute-ref-logps)
+    # A frozen reference model (--ref-model-name, --precompute-ref-logps): always, or as a function of the config.
+    uses_reference: bool | Callable[[Any], bool] = False
     synthetic: Callable[[Any], Any] = synthetic_math_data  # (cfg) -> DatasetDict for --dataset-name synthetic-math
+    setup: Callable[[Any], Any] | None = None  # (module) -> run state passed to ``loss`` as ``rollouts`` (online RL)
+    online: bool = False  # samples its own answers each step (online RL): --num-generations, --reward, ... apply
+    defaults: dict[str, Any] = field(default_factory=dict)  # TrainConfig field -> its value when left unset (None)
+    check: Callable[[Any], list[str]] | None = None  # (cfg) -> problems with this objective's own settings
 
-    def bound_loss(self, cfg) -> Callable[..., LossOutput]:
-        """``loss`` with its settings from ``cfg``: called as (model, batch, ref)."""
-        return functools.partial(self.loss, **{k: getattr(cfg, f) for k, f in self.loss_args.items()})
+    def needs_reference(self, cfg) -> bool:
+        """Whether a run of ``cfg`` loads a frozen reference model."""
+        return self.uses_reference(cfg) if callable(self.uses_reference) else self.uses_reference
+
+    def bound_loss(self, cfg, **state: Any) -> Callable[..., LossOutput]:
+        """``loss`` with its settings from ``cfg`` (and the run ``state`` of ``setup``): called as (model, batch, ref)."""
+        return functools.partial(self.loss, **{k: getattr(cfg, f) for k, f in self.loss_args.items()}, **state)
 
     def bound_total(self, cfg) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """``total`` with its settings from ``cfg``: called as (loss_sum, units)."""
@@ -148,6 +157,8 @@ OBJECTIVES: dict[str, Objective | str] = {
     "dpo": DPO,
     "bt": BT,
     "sft_verifier": "extension.genrm:OBJECTIVE",
+    "rloo": "online_rl:RLOO",
+    "grpo": "online_rl:GRPO",
 }
 TRAINING_TYPES = tuple(OBJECTIVES)
 

@@ -239,7 +239,7 @@ def run(cfg: TrainConfig, callbacks: list | None = None, ckpt: str | None = None
     objective: Objective = get_objective(cfg.training_type)
     # The reference first: a --precompute-ref-logps pass then runs without the policy in memory.
     ref_model = None
-    if objective.uses_reference:
+    if objective.needs_reference(cfg):
         ref_model = reference_model(cfg, tokenizer, [train_set, val_set], objective.collator(tokenizer.pad_token_id))
     model = objective.load_model(cfg.model_name)
     fp8 = "te" if cfg.precision.startswith("transformer-engine") else None

@@ -79,3 +79,25 @@ OBJECTIVE = Objective(
     load_model=load_causal_lm, loss=genrm_objective_loss, units=part_units, total=genrm_loss,
     total_args={"lam": "lambda_"}, parts=VERIFIER_PARTS, validate=validate_verdicts, synthetic=synthetic_verifier_data,
 )
+
+
+class GenRMReward:
+    """Online RL's ``--reward genrm:PATH``: the verifier's r_MajV@K of each answer (mean p("Yes") over an adaptive
+    number of sampled rationales, --verifier-k-min/-k-max/-tau/-temperature, --verifier-max-new-tokens), so a run
+    can train on prompts with no reference answer at all. Seeded by the answers themselves (``rewards.rollout_seed``):
+    a resumed run gets the same rewards for the same rollout."""
+
+    def __init__(self, path: str, cfg):
+        from models import load_tokenizer
+
+        self.model, self.tokenizer, self.cfg = load_causal_lm(path).eval().requires_grad_(False), load_tokenizer(path), cfg
+
+    def __call__(self, batch) -> list[float]:
+        from extension.verifier import score_solutions
+        from rewards import rollout_seed
+
+        cfg = self.cfg
+        scores = score_solutions(self.model, self.tokenizer, batch.questions, batch.completions, k_min=cfg.verifier_k_min,
+                                 k_max=cfg.verifier_k_max, tau=cfg.verifier_tau, temperature=cfg.verifier_temperature,
+                                 max_new_tokens=cfg.verifier_max_new_tokens, seed=rollout_seed(batch), progress=False)
+        return [s.score for s in scores]

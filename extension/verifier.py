@@ -3,7 +3,8 @@
 ``score_solutions`` is the entry point: it builds the verification prompt of each (question, solution), and hands
 ``compute_verifier_scores`` (the adaptive-K loop) a ``RationaleSampler`` that draws its groups.
 
-How one group of rationales is drawn (``RationaleSampler``):
+How one group of rationales is drawn (``RationaleSampler``, on ``sampling.PrefixSampler``: the decoding loop online
+RL's rollouts use too):
 
 1. At construction, the prompts (question + solution + "Let's verify step by step.", as a chat prompt) are
    left-padded and run through the model once, all but their last token: the prefix KV cache.
@@ -22,9 +23,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-import stopping
 from config import VERIFIER_K_MAX, VERIFIER_K_MIN, VERIFIER_TAU, VERIFIER_TEMPERATURE
 from extension.data_preparation import VERDICT, build_prompt
+from sampling import PrefixSampler
 
 # ---- the score: p("Yes") after a rationale, averaged over an adaptive number of rationales ----------------
 
@@ -180,18 +181,9 @@ def verification_prompt_ids(tokenizer, question: str, solution: str) -> list[int
     return generation_prompt_ids(tokenizer, messages)
 
 
-def _cache_rows(cache, rows: torch.Tensor):
-    """A new cache holding rows ``rows`` (with repeats) of ``cache``; ``cache`` itself is left as it is."""
-    from transformers import DynamicCache
-
-    out = DynamicCache()
-    for layer_index, layer in enumerate(cache.layers):
-        out.update(layer.keys[rows], layer.values[rows], layer_index)
-    return out
-
-
-class RationaleSampler:
-    """Draws verification rationales and their verdicts for a fixed list of prompts (see the module docstring).
+class RationaleSampler(PrefixSampler):
+    """Draws verification rationales and their verdicts for a fixed list of prompts (see the module docstring):
+    ``sampling.PrefixSampler``'s shared prefill and decoding loop, with the verdict question asked at the end.
 
     Args:
         model, tokenizer: the verifier.
@@ -208,76 +200,40 @@ class RationaleSampler:
                  share_prefix: bool = True, seed: int = 0, progress=None):
         if not prompts or any(len(p) < 2 for p in prompts):
             raise ValueError("every verification prompt needs at least 2 tokens")
-        self.model, self.tokenizer = model, tokenizer
-        self.max_new_tokens, self.temperature, self.share_prefix = max_new_tokens, temperature, share_prefix
-        self.progress = progress
-        self.device = next(model.parameters()).device
+        from models import stop_token_ids
+
+        self.tokenizer, self.max_new_tokens = tokenizer, max_new_tokens
         self.verdict = verdict_tokens(tokenizer)
-        from models import left_pad, stop_token_ids
-
         self.stop_ids = stop_token_ids(tokenizer)
-        self.generator = torch.Generator(self.device).manual_seed(seed)
-        ids, mask = left_pad(prompts, tokenizer.pad_token_id)  # (P, W)
-        self.ids, self.mask = ids.to(self.device), mask.to(self.device)
-        self.prompt_tokens_run = 0  # prompt tokens the model processed: each prompt once when shared
-        self.prefix = self._prefill(torch.arange(len(prompts), device=self.device)) if share_prefix else None
-
-    @torch.no_grad()
-    def _prefill(self, rows: torch.Tensor):
-        """The KV cache of ``rows``' prompts without their last token."""
-        from transformers import DynamicCache
-
-        cache = DynamicCache()
-        mask = self.mask[rows, :-1]
-        self.model(input_ids=self.ids[rows, :-1], attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                   past_key_values=cache, use_cache=True)
-        self.prompt_tokens_run += int(mask.sum())
-        return cache
+        super().__init__(model, prompts, tokenizer.pad_token_id, temperature, share_prefix=share_prefix, seed=seed,
+                         progress=progress)
 
     def __call__(self, indices: list[int], n: int) -> list[list[tuple[float, float, str]]]:
         """``n`` rationales for each prompt in ``indices``: per prompt, (p_yes, p_normalized, rationale) triples."""
-        rows = torch.tensor(indices, device=self.device).repeat_interleave(n)  # (R,) prompt of each sample
-        cache = _cache_rows(self.prefix, rows) if self.share_prefix else self._prefill(rows)
-        results, generated = self._decode(cache, rows)
+        cache, rows = self.rows(indices, n)
+        results, generated = self._rationales(cache, rows)
         self.last_generated = [generated[i * n:(i + 1) * n] for i in range(len(indices))]  # token ids, for tests
         return [results[i * n:(i + 1) * n] for i in range(len(indices))]
 
-    @torch.no_grad()
-    def _decode(self, cache, rows: torch.Tensor) -> tuple[list[tuple[float, float, str]], list[list[int]]]:
-        was_training = self.model.training
-        self.model.eval()
-        verdict = self.verdict
-        total = rows.shape[0]
-        alive = list(range(total))  # sample of each batch row
-        current = self.ids[rows, -1]  # (R,) the next token to feed: first the prompt's last one
-        position = self.mask[rows].sum(-1) - 1  # (R,)
-        attention = self.mask[rows]  # (R, W + generated so far)
+    def _rationales(self, cache, rows: torch.Tensor) -> tuple[list[tuple[float, float, str]], list[list[int]]]:
+        verdict, total = self.verdict, rows.shape[0]
         generated: list[list[int]] = [[] for _ in range(total)]
         forced: list[list[int]] = [[] for _ in range(total)]  # question tokens still to append
         asked = [False] * total  # the token being fed ends the question: its output is the verdict
         results: list[tuple[float, float, str] | None] = [None] * total
-        while alive:
-            stopping.check()  # SIGTERM or SIGINT: the rationales in flight are dropped, none is half-scored
-            logits = self.model(input_ids=current[:, None], attention_mask=attention, position_ids=position[:, None],
-                                past_key_values=cache, use_cache=True).logits[:, -1]  # (R, V)
-            if self.temperature > 0:
-                probs = torch.softmax(logits.float() / self.temperature, dim=-1)
-                sampled = torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
-            else:
-                sampled = logits.argmax(-1)
+
+        def choose(alive: list[int], sampled: list[int], logits: torch.Tensor) -> list[int | None]:
             p_yes, p_normalized = yes_probabilities(logits, verdict.yes_id, verdict.no_id)
-            next_tokens, keep = sampled.tolist(), []
-            if self.progress is not None:
-                self.progress.update(len(alive))
+            chosen: list[int | None] = []
             for b, sample in enumerate(alive):
                 if asked[sample]:
                     text = self.tokenizer.decode(generated[sample], skip_special_tokens=True)
                     text = text.strip().removesuffix(verdict.suffix.strip()).strip()  # the rationale, without the question
                     results[sample] = (float(p_yes[b]), float(p_normalized[b]), text)
+                    chosen.append(None)
                     continue
-                keep.append(b)
+                token = sampled[b]
                 if not forced[sample]:
-                    token = next_tokens[b]
                     if token in self.stop_ids or len(generated[sample]) >= self.max_new_tokens:
                         forced[sample] = list(verdict.question_ids)  # end-of-turn or budget: ask the question
                     else:
@@ -285,19 +241,12 @@ class RationaleSampler:
                         tail = self.tokenizer.decode(generated[sample][-len(verdict.question_ids) - 4:])
                         asked[sample] = tail.endswith(verdict.suffix)
                 if forced[sample]:
-                    next_tokens[b] = forced[sample].pop(0)
+                    token = forced[sample].pop(0)
                     asked[sample] = not forced[sample]
-            if not keep:
-                break
-            if len(keep) < len(alive):  # finished rows leave the batch and the cache
-                index = torch.tensor(keep, dtype=torch.long, device=self.device)
-                cache.batch_select_indices(index)
-                attention, position = attention[index], position[index]
-                alive = [alive[b] for b in keep]
-            current = torch.tensor([next_tokens[b] for b in keep], device=self.device)
-            attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
-            position = position + 1
-        self.model.train(was_training)
+                chosen.append(token)
+            return chosen
+
+        self.decode(cache, rows, choose)
         return results, generated
 
 

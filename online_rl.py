@@ -1,0 +1,317 @@
+"""Online RL: ``--training-type rloo`` and ``--training-type grpo``, one objective each, sharing this loss.
+
+Each training step, for a micro-batch of P prompts:
+
+1. Rollouts: the policy samples K = --num-generations answers per prompt (no gradient) with ``sampling.PrefixSampler``
+   (one prefill per prompt, the K rows decoded together), at --temperature / --top-p, up to --max-new-tokens.
+2. Rewards: every --reward source scores every answer; the weighted sum is the reward (``rewards.Rewards``).
+3. KL to the frozen reference (--kl-coef > 0): per token, estimator k1/k2/k3 (``losses.rl.kl_estimate``); summed
+   over the answer and subtracted from the reward (--kl-placement reward, RLOO's form), or added per token to the
+   loss (--kl-placement loss, GRPO's).
+4. Advantages over the K answers of each prompt (``losses.rl.advantages``): leave-one-out (rloo), group-normalised
+   (grpo) or group-centred (dr_grpo).
+5. The loss: ``losses.rl.policy_gradient_loss`` per answer token (REINFORCE, or PPO's clipped ratio when
+   --updates-per-rollout > 1 reuses a batch of rollouts), reduced without length bias (--loss-normalization):
+
+       sequence:  (1 / (P K)) sum_i sum_t l_it                  the REINFORCE objective of whole answers (RLOO)
+       constant:  (1 / (P K T_max)) sum_i sum_t l_it            Dr. GRPO's constant, T_max = --max-new-tokens
+       token:     (1 / sum_i |y_i|) sum_i sum_t l_it            DAPO's token mean, over the micro-batch's tokens
+
+   The module averages the micro-batches of an accumulation window over their prompts (units: one per prompt).
+
+Every rollout, with its rewards per source, is written to ``<run>/rollouts/step-N.jsonl`` (validation:
+``val-step-N.jsonl``). The sampler's random state is saved in checkpoints, so a resumed run draws the same rollouts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from collate_functions import INVALID_PROMPT, generation_prompt_ids
+from losses.logprobs import IGNORE_INDEX, token_logprobs
+from losses.rl import advantages, kl_estimate, policy_gradient_loss, zero_gradient_share
+from models import load_causal_lm, stop_token_ids
+from objectives import LossOutput, Objective, validate_answers
+
+# ---- data: prompts, left-padded ---------------------------------------------------------------------------
+
+def tokenize_prompt(tokenizer, row: dict, max_length: int, overlong: str) -> tuple[dict | None, str]:
+    """A row's conversation up to its final answer, as generation-prompt token ids; its reference and columns ride
+    along for the rewards. A prompt that fills --max-length leaves no room to answer: invalid."""
+    ids = generation_prompt_ids(tokenizer, row["messages"])
+    if len(ids) >= max_length:
+        return None, INVALID_PROMPT
+    return {"input_ids": ids, "prompt": row["messages"][:-1], "reference": row.get("reference", ""),
+            "columns": row.get("columns", {}), "row": row.get("row", -1)}, "ok"
+
+
+class PromptCollator:
+    """Left-pads a micro-batch of prompts (``input_ids``, ``attention_mask``) and keeps what the rewards read."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, features: list[dict]) -> dict:
+        from models import left_pad
+
+        input_ids, attention_mask = left_pad([f["input_ids"] for f in features], self.pad_token_id)
+        return {"input_ids": input_ids, "attention_mask": attention_mask,
+                "prompts": [f["prompt"] for f in features], "references": [f["reference"] for f in features],
+                "columns": [f["columns"] for f in features], "rows": [f["row"] for f in features]}
+
+
+def one_prompt(feature: dict) -> int:
+    """Online RL averages over prompts."""
+    return 1
+
+
+# ---- rollouts ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Rollout:
+    """K sampled answers to each of P prompts, as one right-padded batch of N = P K sequences (prompt + answer), and
+    their rewards. ``labels`` hold the answer tokens (-100 elsewhere), so ``token_logprobs`` reads exactly those."""
+
+    input_ids: torch.Tensor  # (N, L)
+    attention_mask: torch.Tensor  # (N, L)
+    labels: torch.Tensor  # (N, L)
+    rewards: torch.Tensor  # (P, K) combined
+    source_rewards: dict[str, list[float | None]]
+    texts: list[str]
+    truncated: torch.Tensor  # (N,) bool: hit --max-new-tokens
+    entropy: torch.Tensor  # (N,) mean entropy per answer token of the sampling distribution
+    lengths: torch.Tensor  # (N,) answer tokens
+    old_logps: torch.Tensor | None = None  # (N, L-1) log-probs at the first update (--updates-per-rollout > 1)
+    advantages: torch.Tensor | None = None  # (N,)
+    uses: int = 0
+
+
+class Rollouts:
+    """The per-run state of online RL (``Objective.setup``): the sampler's random generator, the reward sources
+    (built on first use, on the model's device), the rollouts kept for --updates-per-rollout > 1, and the rollout
+    files. ``state_dict``/``load_state_dict`` go into checkpoints."""
+
+    def __init__(self, module):
+        self.module, self.cfg, self.tokenizer = module, module.cfg, module.tokenizer
+        self.stop_ids = stop_token_ids(self.tokenizer)
+        self.generator: torch.Generator | None = None
+        self._generator_state: torch.Tensor | None = None  # restored from a checkpoint before the generator exists
+        self.rewards = None
+        self.kept: dict[tuple, Rollout] = {}
+        self._written: set[str] = set()  # rollout files this process started (a resumed run starts them over)
+
+    # -- checkpoint state
+    def state_dict(self) -> dict:
+        state = self.generator.get_state() if self.generator is not None else self._generator_state
+        return {"generator": state, "kept": {k: vars(v) for k, v in self.kept.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._generator_state = state.get("generator")
+        self.generator = None
+        self.kept = {k: Rollout(**v) for k, v in state.get("kept", {}).items()}
+
+    def _train_generator(self, device: torch.device) -> torch.Generator:
+        if self.generator is None:
+            rank = self.module.global_rank if self.module._trainer is not None else 0
+            self.generator = torch.Generator(device).manual_seed(self.cfg.seed * 1_000_003 + rank)
+            if self._generator_state is not None:
+                self.generator.set_state(self._generator_state)
+        return self.generator
+
+    # -- one batch
+    def __call__(self, model, batch: dict) -> Rollout:
+        """The rollout of ``batch``: sampled and rewarded, or the one kept for it while --updates-per-rollout lasts."""
+        training = self.module._trainer is not None and self.module.trainer.training
+        key = tuple(batch["rows"]) if training and self.cfg.updates_per_rollout > 1 else None
+        if key is not None and key in self.kept:
+            rollout = self.kept[key]
+        else:
+            rollout = self.sample(model, batch, training)
+            if key is not None:
+                self.kept[key] = rollout
+        rollout.uses += 1
+        if key is not None and rollout.uses >= self.cfg.updates_per_rollout:
+            self.kept.pop(key, None)
+        return rollout
+
+    @torch.no_grad()
+    def sample(self, model, batch: dict, training: bool = True) -> Rollout:
+        from rewards import RolloutBatch, build
+        from sampling import PrefixSampler
+
+        cfg, k = self.cfg, self.cfg.num_generations
+        device = next(model.parameters()).device
+        if self.rewards is None:
+            self.rewards = build(cfg.reward, cfg.reward_weights, cfg, cfg.run_dir)
+        mask = batch["attention_mask"]
+        prompts = [row[mask[i].bool()].tolist() for i, row in enumerate(batch["input_ids"])]
+        if training:
+            generator = self._train_generator(device)
+        else:  # validation draws from its own seed per step: the training stream is the same with or without it
+            generator = torch.Generator(device).manual_seed(cfg.seed + 7919 * (self.module.global_step + 1))
+        with self.module.full_weights():
+            sampler = PrefixSampler(model, prompts, self.tokenizer.pad_token_id, cfg.temperature, cfg.top_p,
+                                    generator=generator)
+            answers = [a for group in sampler.sample(list(range(len(prompts))), k, self.stop_ids, cfg.max_new_tokens)
+                       for a in group]
+        texts = [self.tokenizer.decode(a.tokens, skip_special_tokens=True).strip() for a in answers]
+        every = [i // k for i in range(len(answers))]  # prompt of each answer
+        rows = RolloutBatch([batch["prompts"][p] for p in every], texts, [batch["references"][p] for p in every],
+                            {c: [batch["columns"][p].get(c) for p in every] for c in (batch["columns"][0] or {})})
+        combined, per_source = self.rewards(rows)
+        input_ids, attention, labels = answer_batch(prompts, [a.tokens for a in answers], k, self.tokenizer.pad_token_id)
+        lengths = torch.tensor([len(a.tokens) for a in answers])
+        rollout = Rollout(input_ids.to(device), attention.to(device), labels.to(device),
+                          torch.tensor(combined, dtype=torch.float32, device=device).view(len(prompts), k), per_source,
+                          texts, torch.tensor([a.finish == "length" for a in answers], device=device),
+                          torch.tensor([a.entropy for a in answers], device=device) / lengths.clamp(min=1).to(device),
+                          lengths.to(device))
+        self.save(rollout, batch, every, training)
+        return rollout
+
+    def save(self, rollout: Rollout, batch: dict, every: list[int], training: bool) -> None:
+        """Append the rollout's rows to this step's file (started over when this process first writes it)."""
+        from resumable import append_rows
+
+        step = self.module.global_step
+        name = f"step-{step}" if training else f"val-step-{step}"
+        world = self.module.trainer.world_size if self.module._trainer is not None else 1
+        if world > 1:
+            name += f".rank-{self.module.global_rank}"
+        path = self.cfg.run_dir / "rollouts" / f"{name}.jsonl"
+        if str(path) not in self._written:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.unlink(missing_ok=True)
+            self._written.add(str(path))
+        k = self.cfg.num_generations
+        append_rows(path, [
+            {"step": step, "row": batch["rows"][p], "sample": i % k, "prompt": batch["prompts"][p][-1]["content"],
+             "completion": text, "reward": float(rollout.rewards.view(-1)[i]),
+             "rewards": {s: v[i] for s, v in rollout.source_rewards.items()},
+             "tokens": int(rollout.lengths[i]), "truncated": bool(rollout.truncated[i])}
+            for i, (p, text) in enumerate(zip(every, rollout.texts))])
+
+
+def answer_batch(prompts: list[list[int]], answers: list[list[int]], k: int, pad_id: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prompt + answer of every answer (answer i answers prompt i // k) as one right-padded batch: ids, attention
+    mask and labels (the answer's tokens; -100 on the prompt and padding)."""
+    sequences = [prompts[i // k] + answer for i, answer in enumerate(answers)]
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    attention = torch.zeros_like(ids)
+    for i, sequence in enumerate(sequences):
+        start = len(prompts[i // k])
+        ids[i, :len(sequence)] = torch.tensor(sequence)
+        attention[i, :len(sequence)] = 1
+        labels[i, start:len(sequence)] = torch.tensor(answers[i], dtype=torch.long)
+    return ids, attention, labels
+
+
+# ---- the loss ---------------------------------------------------------------------------------------------
+
+def rl_objective_loss(model, batch: dict, ref, rollouts: Rollouts, estimator: str, kl_coef: float, kl_estimator: str,
+                      kl_placement: str, normalization: str, clip_eps: float, truncated: str, max_new_tokens: int
+                      ) -> LossOutput:
+    """Sample (or reuse) the rollout of ``batch``, then the policy-gradient loss summed over its P prompts (see the
+    module docstring); units: P."""
+    r = rollouts(model, batch)
+    logps, mask = token_logprobs(model, r.input_ids, r.attention_mask, r.labels)  # (N, L-1), with gradient
+    prompts, k = r.rewards.shape
+    if truncated == "mask":  # truncated answers neither count nor pull: DAPO's overlong filtering
+        mask = mask & ~r.truncated[:, None]
+    metrics: dict[str, torch.Tensor] = {}
+    kl_tokens = None
+    if kl_coef > 0:
+        with torch.no_grad():
+            ref_logps, _ = token_logprobs(ref, r.input_ids, r.attention_mask, r.labels)
+        kl_tokens = kl_estimate(logps, ref_logps, kl_estimator) * mask  # (N, L-1)
+        metrics["kl"] = kl_tokens.detach().sum() / mask.sum().clamp(min=1)
+    if r.advantages is None:  # the first use of this rollout: the policy that sampled it
+        rewards = r.rewards
+        if kl_tokens is not None and kl_placement == "reward":
+            rewards = rewards - kl_coef * kl_tokens.detach().sum(-1).view(prompts, k)
+        r.advantages = advantages(rewards, estimator).reshape(-1)
+        r.old_logps = logps.detach()
+    token_loss, clipped = policy_gradient_loss(logps, r.old_logps, r.advantages, mask, clip_eps)
+    if kl_tokens is not None and kl_placement == "loss":
+        token_loss = token_loss + kl_coef * kl_tokens
+    if normalization == "sequence":
+        loss_sum = token_loss.sum() / k
+    elif normalization == "constant":
+        loss_sum = token_loss.sum() / (k * max_new_tokens)
+    else:  # token
+        loss_sum = token_loss.sum() / mask.sum().clamp(min=1) * prompts
+    metrics.update(rollout_metrics(r))
+    metrics["clipped_share"] = clipped
+    return loss_sum, torch.tensor(prompts), metrics
+
+
+def rollout_metrics(r: Rollout) -> dict[str, torch.Tensor]:
+    """What a rollout says of the policy: rewards (combined and per source), the share of prompts with no gradient,
+    answer length, truncation and entropy."""
+    out = {"reward": r.rewards.mean(), "reward_std": r.rewards.std() if r.rewards.numel() > 1 else r.rewards.new_zeros(()),
+           "zero_gradient_share": zero_gradient_share(r.rewards),
+           "completion_length": r.lengths.float().mean(), "completion_length_max": r.lengths.max().float(),
+           "truncated_share": r.truncated.float().mean(), "entropy": r.entropy.mean()}
+    for name, values in r.source_rewards.items():
+        given = torch.tensor([v for v in values if v is not None], dtype=torch.float32)
+        if given.numel():
+            out[f"reward_{name}"] = given.mean()
+            out[f"reward_{name}_std"] = given.std() if given.numel() > 1 else given.new_zeros(())
+    return out
+
+
+# ---- the objectives ---------------------------------------------------------------------------------------
+
+def needs_reference(cfg) -> bool:
+    """A frozen reference only for a KL term: --kl-coef 0 loads none."""
+    return cfg.kl_coef > 0
+
+
+def check(cfg) -> list[str]:
+    """The online-RL settings that cannot work, naming the flags."""
+    from rewards import spec_problems
+
+    problems = []
+    if cfg.num_generations < 2:
+        problems.append(f"--num-generations must be at least 2 (the baseline of each answer is the other answers to "
+                        f"its prompt), got {cfg.num_generations}")
+    if cfg.temperature < 0 or not 0 < cfg.top_p <= 1:
+        problems.append(f"--temperature must be 0 or more and --top-p in (0, 1], got {cfg.temperature} and {cfg.top_p}")
+    if cfg.updates_per_rollout < 1:
+        problems.append(f"--updates-per-rollout must be at least 1, got {cfg.updates_per_rollout}")
+    if cfg.clip_eps <= 0:
+        problems.append(f"--clip-eps must be positive, got {cfg.clip_eps}")
+    if cfg.kl_coef < 0:
+        problems.append(f"--kl-coef must be 0 or more, got {cfg.kl_coef}")
+    if cfg.precompute_ref_logps:
+        problems.append("--precompute-ref-logps cannot work for online RL: the answers are new every step")
+    problems += spec_problems(cfg.reward, cfg.reward_weights)
+    if cfg.genrm_gate and not ({"math", "genrm"} <= {s.partition(":")[0] for s in cfg.reward}):
+        problems.append("--genrm-gate asks the verifier only where the math reward cannot decide: give both --reward "
+                        "math and --reward genrm:PATH")
+    return problems
+
+
+def _objective(name: str, defaults: dict) -> Objective:
+    return Objective(
+        name=name, data_kind="sft", tokenize=tokenize_prompt, collator=PromptCollator, load_model=load_causal_lm,
+        loss=rl_objective_loss, units=one_prompt, validate=validate_answers, uses_reference=needs_reference,
+        loss_args={"estimator": "advantage_estimator", "kl_coef": "kl_coef", "kl_estimator": "kl_estimator",
+                   "kl_placement": "kl_placement", "normalization": "loss_normalization", "clip_eps": "clip_eps",
+                   "truncated": "truncated_answers", "max_new_tokens": "max_new_tokens"},
+        setup=Rollouts, online=True, defaults=defaults, check=check)
+
+
+# RLOO (Ahmadian et al. 2024): leave-one-out baseline, sequence-level k1 KL in the reward, REINFORCE of whole answers.
+RLOO = _objective("rloo", {"advantage_estimator": "rloo", "kl_coef": 0.05, "kl_estimator": "k1",
+                           "kl_placement": "reward", "loss_normalization": "sequence"})
+# GRPO (Shao et al. 2024): group-normalised advantages, per-token k3 KL in the loss when --kl-coef > 0 (TRL's default
+# is 0), DAPO's token-level normalisation.
+GRPO = _objective("grpo", {"advantage_estimator": "grpo", "kl_coef": 0.0, "kl_estimator": "k3",
+                           "kl_placement": "loss", "loss_normalization": "token"})
+

@@ -1,0 +1,168 @@
+"""Sampling several continuations of each prompt from one shared prefill: the decoding loop of online RL's rollouts
+(``Rollouts.sample``: K answers per prompt) and of the GenRM-CoT verifier's rationales
+(``extension.verifier.RationaleSampler``, which builds on ``PrefixSampler``).
+
+1. At construction the prompts are left-padded and run through the model once, all but their last token: the
+   prefix KV cache.
+2. A call for n continuations of some prompts copies their cache rows n times and decodes all rows together, token
+   by token, sampling with temperature and top-p from a seeded generator. The prompt is never run again, whatever n.
+3. After every token a ``choose`` function decides, row by row, the next token to feed or that the row is done.
+   Finished rows leave the batch (their cache rows are dropped), so short answers do not wait for long ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+import stopping
+
+# (rows still decoding, the token sampled for each, the step's logits (R, V)) -> per row the token to feed next,
+# or None when the row is finished.
+Choose = Callable[[list[int], list[int], torch.Tensor], list[int | None]]
+
+
+def cache_rows(cache, rows: torch.Tensor):
+    """A new KV cache holding rows ``rows`` (with repeats) of ``cache``; ``cache`` itself is left as it is."""
+    from transformers import DynamicCache
+
+    out = DynamicCache()
+    for layer_index, layer in enumerate(cache.layers):
+        out.update(layer.keys[rows], layer.values[rows], layer_index)
+    return out
+
+
+def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
+                  ) -> torch.Tensor:
+    """One token per row of ``logits`` (R, V): greedy at temperature 0, else sampled from softmax(logits / T)
+    restricted to the smallest set of tokens whose probability reaches ``top_p`` (nucleus sampling; 1 keeps all)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (R, V)
+    if top_p < 1:
+        sorted_probs, order = probs.sort(-1, descending=True)
+        before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the tokens ranked above each
+        sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)  # the first token always stays
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@dataclass
+class Continuation:
+    """One sampled answer: its tokens (a final stop token included), why it ended ("stop" at a stop token, "length"
+    at the token budget), and the summed entropy (nats) of the distributions its tokens were drawn from."""
+
+    tokens: list[int] = field(default_factory=list)
+    finish: str = ""
+    entropy: float = 0.0
+
+
+class PrefixSampler:
+    """Draws continuations of a fixed list of prompts (see the module docstring).
+
+    Args:
+        model: a causal LM with a KV cache (``DynamicCache``).
+        prompts: token ids of each prompt (at least 2 tokens each).
+        pad_id: the id left-padding uses.
+        temperature: sampling temperature (0: greedy).
+        top_p: nucleus sampling mass (1: none).
+        share_prefix: run each prompt once and copy its cache to the samples (True), or run the prompt again for
+            every sample, as ``generate(num_return_sequences=K)`` does (False, for benchmarks).
+        generator: the random source (its state is the sampler's; a checkpoint can save it), or None to seed a new
+            one with ``seed`` on the model's device.
+        progress: a ``models.token_bar`` the decoding counts its tokens into (None: no bar).
+    """
+
+    def __init__(self, model, prompts: list[list[int]], pad_id: int, temperature: float = 1.0, top_p: float = 1.0,
+                 share_prefix: bool = True, generator: torch.Generator | None = None, seed: int = 0, progress=None):
+        if not prompts or any(len(p) < 2 for p in prompts):
+            raise ValueError("every prompt needs at least 2 tokens")
+        from models import left_pad
+
+        self.model, self.temperature, self.top_p, self.share_prefix = model, temperature, top_p, share_prefix
+        self.progress = progress
+        self.device = next(model.parameters()).device
+        self.generator = generator if generator is not None else torch.Generator(self.device).manual_seed(seed)
+        ids, mask = left_pad(prompts, pad_id)  # (P, W)
+        self.ids, self.mask = ids.to(self.device), mask.to(self.device)
+        self.prompt_tokens_run = 0  # prompt tokens the model processed: each prompt once when shared
+        self.prefix = self._prefill(torch.arange(len(prompts), device=self.device)) if share_prefix else None
+
+    @torch.no_grad()
+    def _prefill(self, rows: torch.Tensor):
+        """The KV cache of ``rows``' prompts without their last token."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        mask = self.mask[rows, :-1]
+        self.model(input_ids=self.ids[rows, :-1], attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                   past_key_values=cache, use_cache=True)
+        self.prompt_tokens_run += int(mask.sum())
+        return cache
+
+    def rows(self, indices: list[int], n: int) -> tuple[object, torch.Tensor]:
+        """The KV cache and prompt index of ``n`` samples of each prompt in ``indices`` (prompt-major)."""
+        rows = torch.tensor(indices, device=self.device).repeat_interleave(n)  # (R,) prompt of each sample
+        return (cache_rows(self.prefix, rows) if self.share_prefix else self._prefill(rows)), rows
+
+    @torch.no_grad()
+    def decode(self, cache, rows: torch.Tensor, choose: Choose) -> None:
+        """Decode every row of ``rows`` (prompt indices, with their ``cache``) until ``choose`` ends it. Stops with
+        ``stopping.Stopped`` on SIGTERM or SIGINT: the rows in flight are dropped, none is half-kept."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            alive = list(range(rows.shape[0]))  # sample of each batch row
+            current = self.ids[rows, -1]  # (R,) the next token to feed: first the prompt's last one
+            position = self.mask[rows].sum(-1) - 1  # (R,)
+            attention = self.mask[rows]  # (R, W + generated so far)
+            while alive:
+                stopping.check()
+                logits = self.model(input_ids=current[:, None], attention_mask=attention, position_ids=position[:, None],
+                                    past_key_values=cache, use_cache=True).logits[:, -1]  # (R, V)
+                sampled = sample_tokens(logits, self.temperature, self.top_p, self.generator).tolist()
+                if self.progress is not None:
+                    self.progress.update(len(alive))
+                chosen = choose(alive, sampled, logits)
+                keep = [b for b, token in enumerate(chosen) if token is not None]
+                if not keep:
+                    break
+                if len(keep) < len(alive):  # finished rows leave the batch and the cache
+                    index = torch.tensor(keep, dtype=torch.long, device=self.device)
+                    cache.batch_select_indices(index)
+                    attention, position = attention[index], position[index]
+                    alive = [alive[b] for b in keep]
+                current = torch.tensor([chosen[b] for b in keep], device=self.device)
+                attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
+                position = position + 1
+        finally:
+            self.model.train(was_training)
+
+    def sample(self, indices: list[int], n: int, stop_ids: set[int], max_new_tokens: int) -> list[list[Continuation]]:
+        """``n`` answers to each prompt in ``indices``, each ending at a stop token (kept) or after
+        ``max_new_tokens`` tokens; per prompt, its n ``Continuation``s."""
+        cache, rows = self.rows(indices, n)
+        out = [Continuation() for _ in range(rows.shape[0])]
+
+        def choose(alive: list[int], sampled: list[int], logits: torch.Tensor) -> list[int | None]:
+            if self.temperature > 0:  # the entropy of the distribution each token was drawn from
+                logp = torch.log_softmax(logits.float() / self.temperature, dim=-1)
+                entropy = (-(logp.exp() * logp).sum(-1)).tolist()
+            else:
+                entropy = [0.0] * len(alive)
+            chosen: list[int | None] = []
+            for sample, token, h in zip(alive, sampled, entropy):
+                answer = out[sample]
+                answer.tokens.append(token)
+                answer.entropy += h
+                if token in stop_ids:
+                    answer.finish = "stop"
+                elif len(answer.tokens) >= max_new_tokens:
+                    answer.finish = "length"
+                chosen.append(None if answer.finish else token)
+            return chosen
+
+        self.decode(cache, rows, choose)
+        return [out[i * n:(i + 1) * n] for i in range(len(indices))]

@@ -1,0 +1,392 @@
+"""Online RL (--training-type rloo / grpo): reward sources and how they combine (scripted, no model), the shared-prefix
+sampler, the policy-gradient loss's gradient against a hand-derived REINFORCE gradient on a scripted batch, KL 0
+when the policy is the reference, the config's per-type defaults and refusals; and, marked slow, a toy task whose
+reward climbs far above chance, a resume that reproduces the rollouts and losses of an uninterrupted run, and a Ray
+run with 2 CPU workers. The estimators themselves are checked by hand in test_rl_losses.py."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import Recorder, write_jsonl
+
+import online_rl
+import rewards
+import train
+from config import ConfigError, resolve
+from online_rl import Rollout, answer_batch, rl_objective_loss
+from rewards import RewardError, Rewards, RolloutBatch
+
+TOY_REWARD = "python:test_online_rl:sevens"
+
+
+def sevens(prompts, completions, **columns) -> list[float]:
+    """The toy task's reward: the share of the answer's characters that are '7' (chance: about 1 in 100)."""
+    return [sum(ch == "7" for ch in text) / max(1, len(text)) for text in completions]
+
+
+def batch_of(completions: list[str], references: list[str] | None = None, **columns) -> RolloutBatch:
+    n = len(completions)
+    return RolloutBatch([[{"role": "user", "content": f"q{i}"}] for i in range(n)], completions,
+                        references or [""] * n, {k: list(v) for k, v in columns.items()})
+
+
+# ---- rewards: combined as documented ----------------------------------------------------------------------
+
+def test_sources_combine_as_the_weighted_sum_of_the_values_given():
+    """r = sum of w_s * r_s over the sources that gave a value; none given -> 0.
+    a: [1, None, 0.5, None], b: [0.2, 0.4, None, None], weights 1 and 0.5:
+    r = [1 + 0.1, 0.2, 0.5, 0] = [1.1, 0.2, 0.5, 0.0]."""
+    combined, values = Rewards({"a": lambda b: [1, None, 0.5, None], "b": lambda b: [0.2, 0.4, None, None]},
+                               [1.0, 0.5])(batch_of(["w", "x", "y", "z"]))
+    assert combined == pytest.approx([1.1, 0.2, 0.5, 0.0])
+    assert values == {"a": [1.0, None, 0.5, None], "b": [0.2, 0.4, None, None]}
+
+
+def test_a_gated_source_is_asked_only_where_the_gate_did_not_say_right():
+    """genrm gated by math: asked about the answers math scored 0 or None (1, 2, 3), never about answer 0."""
+    asked = []
+
+    def verifier(batch):
+        asked.extend(batch.completions)
+        return [0.25] * len(batch.completions)
+
+    combined, values = Rewards({"genrm": verifier, "math": lambda b: [1.0, 0.0, None, 0.0]}, [0.5, 1.0],
+                               gates={"genrm": "math"})(batch_of(["a", "b", "c", "d"]))
+    assert asked == ["b", "c", "d"]
+    assert values["genrm"] == [None, 0.25, 0.25, 0.25]
+    assert combined == pytest.approx([1.0, 0.125, 0.125, 0.125])  # 1*math + 0.5*genrm where given
+
+
+def test_a_source_returning_a_non_number_or_the_wrong_count_is_an_error_naming_it():
+    with pytest.raises(RewardError, match="source a returned 'x' for completion 1"):
+        Rewards({"a": lambda b: [1.0, "x"]}, [1.0])(batch_of(["p", "q"]))
+    with pytest.raises(RewardError, match="source a returned 1 values for 2"):
+        Rewards({"a": lambda b: [1.0]}, [1.0])(batch_of(["p", "q"]))
+    with pytest.raises(RewardError, match="returned nan"):
+        Rewards({"a": lambda b: [float("nan"), 1.0]}, [1.0])(batch_of(["p", "q"]))
+
+
+def test_math_and_format_rewards_read_the_final_answer():
+    refs = ["2 + 2 = 4\n#### 4", "#### 4", "no final answer here", "#### 10"]
+    batch = batch_of(["So 4.\n#### 4", "#### 5", "#### 4", "The answer is \\boxed{10}"], refs)
+    assert rewards.math_reward(batch) == [1.0, 0.0, None, 1.0]
+    assert rewards.format_reward(batch) == [1.0, 1.0, 1.0, 1.0]
+    assert rewards.format_reward(batch_of(["four", "#### ", "it is 4"])) == [0.0, 0.0, 0.0]
+
+
+def test_a_python_source_gets_prompts_completions_references_and_columns():
+    source = rewards.python_reward("test_online_rl:echo_columns")
+    out = source(batch_of(["a", "bb"], ["r1", "r2"], level=[1, 3]))
+    assert out == [1 + 1 + 2, 2 + 3 + 2]
+
+
+def echo_columns(prompts, completions, reference, level):
+    return [len(c) + lv + len(r) for c, lv, r in zip(completions, level, reference)]
+
+
+@pytest.mark.parametrize(("specs", "weights", "message"), [
+    ([], None, "at least one --reward"),
+    (["mathh"], None, "unknown source 'mathh'"),
+    (["bt"], None, "give the model folder, as bt:PATH"),
+    (["math:x"], None, "math takes no argument"),
+    (["math", "math"], None, "names a source twice"),
+    (["math", "format"], "1", "1 weights for 2"),
+    (["math"], "one", "comma-separated numbers"),
+    (["math", "format"], "0,0", "all weights are 0"),
+])
+def test_bad_reward_settings_are_refused_naming_the_flag(specs, weights, message):
+    assert any(message in p for p in rewards.spec_problems(specs, weights))
+
+
+def test_a_python_source_that_cannot_be_loaded_names_the_spec():
+    with pytest.raises(RewardError, match="--reward python:no_such_module:f: cannot load f"):
+        rewards.python_reward("no_such_module:f")
+
+
+# ---- the sampler ------------------------------------------------------------------------------------------
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    """probs [0.5, 0.3, 0.15, 0.05]: top_p 0.7 keeps {0, 1} (0.5 < 0.7 <= 0.8), so token 2 and 3 never come; top_p
+    near 0 keeps only the most likely token (greedy)."""
+    from sampling import sample_tokens
+
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log().repeat(4000, 1)
+    drawn = sample_tokens(logits, 1.0, 0.7, torch.Generator().manual_seed(0))
+    assert set(drawn.tolist()) == {0, 1}
+    assert (drawn == 0).float().mean().item() == pytest.approx(0.5 / 0.8, abs=0.03)
+    assert set(sample_tokens(logits, 1.0, 1e-6, torch.Generator().manual_seed(0)).tolist()) == {0}
+
+
+def test_answers_stop_at_a_stop_token_or_the_budget_and_share_one_prefill(tiny_model_dir, char_tokenizer):
+    from models import load_causal_lm
+    from sampling import PrefixSampler
+
+    model = load_causal_lm(str(tiny_model_dir))
+    prompts = [char_tokenizer("ab")["input_ids"], char_tokenizer("hello")["input_ids"]]
+    sampler = PrefixSampler(model, prompts, char_tokenizer.pad_token_id, temperature=1.0, seed=0)
+    stop = {char_tokenizer.convert_tokens_to_ids(ch) for ch in "aeiou"}  # a random model draws these often enough
+    groups = sampler.sample([0, 1], 3, stop_ids=stop, max_new_tokens=5)
+    assert sampler.prompt_tokens_run == 1 + 4  # each prompt once, without its last token
+    finishes = []
+    for group in groups:
+        assert len(group) == 3
+        for answer in group:
+            finishes.append(answer.finish)
+            if answer.finish == "stop":  # the stop token is kept, as the last
+                assert answer.tokens[-1] in stop and not stop & set(answer.tokens[:-1]) and len(answer.tokens) <= 5
+            else:
+                assert answer.finish == "length" and len(answer.tokens) == 5 and not stop & set(answer.tokens)
+            assert answer.entropy > 0
+    # Greedy from a shared prefill gives what a prefill per sample gives.
+    shared = PrefixSampler(model, prompts, char_tokenizer.pad_token_id, temperature=0.0)
+    naive = PrefixSampler(model, prompts, char_tokenizer.pad_token_id, temperature=0.0, share_prefix=False)
+    a = shared.sample([0, 1], 2, set(), 6)
+    b = naive.sample([0, 1], 2, set(), 6)
+    assert [[x.tokens for x in g] for g in a] == [[x.tokens for x in g] for g in b]
+    assert all(x.finish == "length" and len(x.tokens) == 6 for g in a for x in g)
+
+
+def test_answer_batch_labels_exactly_the_answer_tokens():
+    """Prompts [5, 6] and [7]; K = 2 answers each: [1, 2], [3], [4], [8, 9, 10]."""
+    ids, attention, labels = answer_batch([[5, 6], [7]], [[1, 2], [3], [4], [8, 9, 10]], 2, pad_id=0)
+    assert ids.tolist() == [[5, 6, 1, 2], [5, 6, 3, 0], [7, 4, 0, 0], [7, 8, 9, 10]]
+    assert attention.tolist() == [[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
+    assert labels.tolist() == [[-100, -100, 1, 2], [-100, -100, 3, -100], [-100, 4, -100, -100], [-100, 8, 9, 10]]
+
+
+def test_windows_repeat_for_several_updates_per_rollout():
+    """8 rows, batch 2, accumulation 2: windows (b0 b1) (b2 b3); with repeat 2 each window comes twice in a row."""
+    from collate_functions import LengthGroupedBatchSampler
+
+    once = LengthGroupedBatchSampler([1] * 8, [1] * 8, batch_size=2, accumulate=2, seed=0)
+    twice = LengthGroupedBatchSampler([1] * 8, [1] * 8, batch_size=2, accumulate=2, seed=0, repeat=2)
+    b = [plan.indices for plan in once]
+    assert [plan.indices for plan in twice] == [b[0], b[1], b[0], b[1], b[2], b[3], b[2], b[3]]
+    assert len(twice) == 8
+    short = LengthGroupedBatchSampler([1] * 6, [1] * 6, batch_size=2, accumulate=2, seed=0, repeat=2)
+    assert len(list(short)) == len(short) == 4  # the last, short window (one batch) is left out
+
+
+# ---- the loss: gradient against REINFORCE by hand ---------------------------------------------------------
+
+def scripted_rollout(tokenizer, answers: list[str], rewards_: list[list[float]], k: int = 2) -> Rollout:
+    prompts = [tokenizer("Q: 1+1?")["input_ids"], tokenizer("Q: 2?")["input_ids"]]
+    tokens = [tokenizer(a)["input_ids"] for a in answers]
+    ids, attention, labels = answer_batch(prompts, tokens, k, tokenizer.pad_token_id)
+    n = len(answers)
+    return Rollout(ids, attention, labels, torch.tensor(rewards_), {"toy": [0.0] * n}, answers,
+                   torch.zeros(n, dtype=torch.bool), torch.zeros(n), torch.tensor([len(t) for t in tokens]))
+
+
+def naive_sequence_logps(model, rollout: Rollout) -> torch.Tensor:
+    """sum_t log pi(y_t | prefix) of each answer, from the full logits (an independent path from token_logprobs)."""
+    logits = model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask).logits.float()
+    logp = torch.log_softmax(logits[:, :-1], -1)
+    targets = rollout.input_ids[:, 1:]
+    picked = logp.gather(-1, targets[..., None]).squeeze(-1)
+    return (picked * (rollout.labels[:, 1:] != -100)).sum(-1)
+
+
+def loss_of(model, rollout: Rollout, ref=None, **kw) -> tuple[torch.Tensor, dict]:
+    args = {"estimator": "rloo", "kl_coef": 0.0, "kl_estimator": "k1", "kl_placement": "reward",
+            "normalization": "sequence", "clip_eps": 0.2, "truncated": "reward", "max_new_tokens": 8, **kw}
+    loss_sum, units, metrics = rl_objective_loss(model, {}, ref, lambda m, b: rollout, **args)
+    return loss_sum / units, metrics
+
+
+def grads(model, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    model.zero_grad()
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("normalization", ["sequence", "token", "constant"])
+def test_policy_gradient_equals_reinforce_by_hand(tiny_model_dir, char_tokenizer, normalization):
+    """P = 2 prompts, K = 2 answers. Rewards [[1, 0], [0.5, 0.5]]; RLOO by hand: A = r_i - r_other =
+    [1, -1, 0, 0]. REINFORCE: grad of -(1/4) sum_i A_i log pi(y_i) (sequence), of -(1/N_tokens) sum_i A_i log pi(y_i)
+    (token: one micro-batch), of -(1/(4 * 8)) sum_i A_i log pi(y_i) (constant, T_max = 8). The second prompt's equal
+    rewards give no gradient and are counted."""
+    from models import load_causal_lm
+
+    model = load_causal_lm(str(tiny_model_dir))
+    answers = ["2", "3!", "yes", "no"]
+    rollout = scripted_rollout(char_tokenizer, answers, [[1.0, 0.0], [0.5, 0.5]])
+    loss, metrics = loss_of(model, rollout, normalization=normalization)
+    ours = grads(model, loss)
+    assert rollout.advantages.tolist() == [1.0, -1.0, 0.0, 0.0]
+    assert metrics["zero_gradient_share"].item() == 0.5
+    a = torch.tensor([1.0, -1.0, 0.0, 0.0])
+    scale = {"sequence": 4, "token": sum(len(x) for x in answers), "constant": 4 * 8}[normalization]
+    by_hand = grads(model, -(a * naive_sequence_logps(model, rollout)).sum() / scale)
+    assert ours.keys() == by_hand.keys()
+    for name in ours:
+        torch.testing.assert_close(ours[name], by_hand[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_kl_is_zero_when_the_policy_is_the_reference(tiny_model_dir, char_tokenizer):
+    """Reference = a copy of the policy: k1, k2 and k3 are 0 at every token, and the KL term changes neither the
+    advantages (in the reward) nor the gradient (k3 in the loss: d/dtheta [(r - 1) - log r] = 0 at r = 1)."""
+    from models import load_causal_lm
+
+    model, ref = load_causal_lm(str(tiny_model_dir)), load_causal_lm(str(tiny_model_dir)).eval()
+    plain_loss, _ = loss_of(model, scripted_rollout(char_tokenizer, ["2", "3", "4", "5"], [[1.0, 0.0], [0.0, 1.0]]))
+    plain = grads(model, plain_loss)
+    for estimator, placement in [("k1", "reward"), ("k2", "reward"), ("k3", "loss")]:
+        rollout = scripted_rollout(char_tokenizer, ["2", "3", "4", "5"], [[1.0, 0.0], [0.0, 1.0]])
+        loss, metrics = loss_of(model, rollout, ref, kl_coef=0.5, kl_estimator=estimator, kl_placement=placement)
+        assert metrics["kl"].item() == pytest.approx(0.0, abs=1e-6)
+        assert rollout.advantages.tolist() == [1.0, -1.0, -1.0, 1.0]
+        for name, grad in grads(model, loss).items():
+            torch.testing.assert_close(grad, plain[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_a_kl_penalty_in_the_reward_lowers_the_advantage_of_the_answer_that_drifted(tiny_model_dir, char_tokenizer):
+    """A reference that differs: the k1 sum of each answer is subtracted from its reward before the baseline, so the
+    advantages become RLOO of (r_i - beta * KL_i), worked out from the logged per-answer KL."""
+    from models import load_causal_lm
+
+    model, ref = load_causal_lm(str(tiny_model_dir)), load_causal_lm(str(tiny_model_dir)).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p, generator=torch.Generator().manual_seed(1)))
+    rollout = scripted_rollout(char_tokenizer, ["2", "33", "4", "5"], [[1.0, 0.0], [0.0, 0.0]])
+    loss_of(model, rollout, ref, kl_coef=0.1, kl_estimator="k1", kl_placement="reward")
+    kl = (naive_sequence_logps(model, rollout) - naive_sequence_logps(ref, rollout)).detach().view(2, 2)
+    shaped = torch.tensor([[1.0, 0.0], [0.0, 0.0]]) - 0.1 * kl
+    by_hand = torch.stack([shaped[:, 0] - shaped[:, 1], shaped[:, 1] - shaped[:, 0]], 1).reshape(-1)
+    torch.testing.assert_close(rollout.advantages, by_hand, rtol=1e-4, atol=1e-6)
+
+
+def test_masked_truncated_answers_add_no_gradient(tiny_model_dir, char_tokenizer):
+    """--truncated-answers mask: answer 0 (truncated) drops out; the gradient is REINFORCE's over answers 1-3."""
+    from models import load_causal_lm
+
+    model = load_causal_lm(str(tiny_model_dir))
+    rollout = scripted_rollout(char_tokenizer, ["2", "3", "4", "5"], [[1.0, 0.0], [0.0, 1.0]])
+    rollout.truncated = torch.tensor([True, False, False, False])
+    loss, metrics = loss_of(model, rollout, truncated="mask")
+    assert metrics["truncated_share"].item() == 0.25
+    a = torch.tensor([0.0, -1.0, -1.0, 1.0])  # advantages unchanged, answer 0's tokens masked
+    by_hand = grads(model, -(a * naive_sequence_logps(model, rollout)).sum() / 4)
+    for name, grad in grads(model, loss).items():
+        torch.testing.assert_close(grad, by_hand[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+# ---- config -----------------------------------------------------------------------------------------------
+
+def test_each_type_fills_its_own_defaults_and_flags_win(tmp_path):
+    rloo, _ = resolve(["--training-type", "rloo", "--storage-path", str(tmp_path)])
+    assert (rloo.advantage_estimator, rloo.kl_coef, rloo.kl_estimator, rloo.kl_placement, rloo.loss_normalization) == \
+        ("rloo", 0.05, "k1", "reward", "sequence")
+    grpo, _ = resolve(["--training-type", "grpo", "--storage-path", str(tmp_path)])
+    assert (grpo.advantage_estimator, grpo.kl_coef, grpo.kl_estimator, grpo.kl_placement, grpo.loss_normalization) == \
+        ("grpo", 0.0, "k3", "loss", "token")
+    dr, _ = resolve(["--training-type", "grpo", "--advantage-estimator", "dr_grpo", "--reward", "math", "--reward",
+                     "format", "--reward-weights", "1,0.2", "--storage-path", str(tmp_path)])
+    assert dr.advantage_estimator == "dr_grpo" and dr.reward == ["math", "format"]
+    from objectives import get_objective
+
+    assert get_objective("rloo").needs_reference(rloo) and not get_objective("grpo").needs_reference(grpo)
+
+
+def test_yaml_takes_a_list_of_rewards_or_one(tmp_path):
+    for value, expected in [("[math, 'bt:runs/bt/final_model']", ["math", "bt:runs/bt/final_model"]),
+                            ("format", ["format"])]:
+        path = tmp_path / "rl.yaml"
+        path.write_text(f"training_type: rloo\nreward: {value}\n")
+        cfg, _ = resolve(["--config", str(path), "--storage-path", str(tmp_path)])
+        assert cfg.reward == expected
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--training-type", "rloo", "--num-generations", "1"], "--num-generations must be at least 2"),
+    (["--training-type", "grpo", "--reward", "nope"], "unknown source 'nope'"),
+    (["--training-type", "rloo", "--precompute-ref-logps"], "--precompute-ref-logps cannot work for online RL"),
+    (["--training-type", "rloo", "--genrm-gate"], "--genrm-gate asks the verifier only"),
+    (["--training-type", "sft", "--updates-per-rollout", "2"], "--updates-per-rollout is for online RL"),
+    (["--training-type", "grpo", "--ref-model-name", "x"], "--ref-model-name is for a run with a reference model"),
+])
+def test_settings_that_cannot_work_are_refused_before_anything_loads(tmp_path, flags, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve([*flags, "--storage-path", str(tmp_path)])
+
+
+# ---- training runs ----------------------------------------------------------------------------------------
+
+def toy_args(model: Path, folder: Path, name: str, *extra: str) -> list[str]:
+    """64 prompts 'digit i', rewarded by the share of '7's in a 4-character answer; 8 answers per prompt."""
+    data = write_jsonl(folder / "toy.jsonl", [{"messages": [{"role": "user", "content": f"digit {i}"},
+                                                            {"role": "assistant", "content": "7"}]} for i in range(64)])
+    return ["--training-type", "rloo", "--model-name", str(model), "--dataset-name", str(data), "--reward", TOY_REWARD,
+            "--num-generations", "8", "--batch-size", "8", "--lr", "1e-2", "--max-new-tokens", "4", "--test-size",
+            "0.1", "--val-generate-samples", "0", "--num-sanity-val-steps", "0", "--log-every-n-steps", "1",
+            "--storage-path", str(folder / "runs"), "--name", name, "--no-verbose", "--seed", "0", *extra]
+
+
+def logged(run_dir: Path, key: str) -> list[float]:
+    rows = csv.DictReader(next((run_dir / "csv").glob("version_*/metrics.csv")).open())
+    return [float(r[key]) for r in rows if r.get(key)]
+
+
+@pytest.mark.slow
+def test_rloo_raises_a_toy_reward_far_above_chance(tiny_model_dir, tmp_path):
+    """From a random tiny model (reward about 0.01: '7' is one of ~100 characters) to a mean reward above 0.5 over
+    the last 5 of 30 steps; every rollout is on disk with its rewards."""
+    result = train.main(toy_args(tiny_model_dir, tmp_path, "toy", "--max-steps", "30", "--max-epochs", "100"))
+    run_dir = Path(result["run_dir"])
+    reward = logged(run_dir, "train/reward")
+    assert len(reward) == 30 and sum(reward[:3]) / 3 < 0.05
+    assert sum(reward[-5:]) / 5 > 0.5, reward
+    rows = [json.loads(line) for line in (run_dir / "rollouts" / "step-29.jsonl").read_text().splitlines()]
+    prompts = {r["row"] for r in rows}
+    assert len(rows) == 8 * len(prompts) and {r["sample"] for r in rows} == set(range(8))  # K = 8 per prompt
+    assert all(r["rewards"]["python.sevens"] == pytest.approx(sevens([], [r["completion"]])[0]) for r in rows)
+    assert result["after"]["val/reward"] > 0.5
+
+
+@pytest.mark.slow
+def test_resume_draws_the_same_rollouts_and_losses_as_an_uninterrupted_run(tiny_model_dir, tmp_path):
+    """6 steps straight, against a run that crashes after step 4 (before its checkpoint: it resumes from step 3's)
+    and is resumed: the losses of steps 3-5 and their rollout files match (the sampler's random state comes back
+    from the checkpoint; the crashed run's step-3 file is written anew, not appended to)."""
+    from test_training import Crash
+
+    base = ["--max-steps", "6", "--max-epochs", "100", "--checkpoint-every-n-steps", "1"]
+    whole, first, second = Recorder(), Recorder(), Recorder()
+    train.run(resolve(toy_args(tiny_model_dir, tmp_path, "whole", *base))[0], callbacks=[whole])
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train.run(resolve(toy_args(tiny_model_dir, tmp_path, "split", *base))[0], callbacks=[first, Crash(at_step=4)])
+    train.run(resolve(toy_args(tiny_model_dir, tmp_path, "split", *base, "--resume-from-checkpoint", "last"))[0],
+              callbacks=[second])
+    assert len(whole.losses) == 6 and len(first.losses) == 4 and len(second.losses) == 3
+    torch.testing.assert_close(torch.tensor(first.losses[:3] + second.losses), torch.tensor(whole.losses), rtol=1e-5,
+                               atol=1e-6)
+    for step in range(6):
+        a = (tmp_path / "runs" / "whole" / "rollouts" / f"step-{step}.jsonl").read_text()
+        b = (tmp_path / "runs" / "split" / "rollouts" / f"step-{step}.jsonl").read_text()
+        assert a == b, step
+
+
+@pytest.mark.slow
+def test_several_updates_per_rollout_reuse_it_and_clip_the_ratio(tiny_model_dir, tmp_path):
+    """--updates-per-rollout 2: rollouts are drawn every other step (one file per pair) and the second update of a
+    pair, away from the sampling policy, clips some ratios at lr 1e-2."""
+    result = train.main(toy_args(tiny_model_dir, tmp_path, "ppo", "--max-steps", "6", "--max-epochs", "100",
+                                 "--updates-per-rollout", "2", "--clip-eps", "0.05"))
+    run_dir = Path(result["run_dir"])
+    names = sorted(p.name for p in (run_dir / "rollouts").iterdir())
+    assert names == ["step-0.jsonl", "step-2.jsonl", "step-4.jsonl", "val-step-6.jsonl"]
+    clipped = logged(run_dir, "train/clipped_share")
+    assert clipped[0] == clipped[2] == clipped[4] == 0.0  # first use: the ratio is 1
+    assert max(clipped[1], clipped[3], clipped[5]) > 0
+
+
+def test_the_toy_reward_module_is_importable_by_its_spec():
+    assert rewards.python_reward(TOY_REWARD.removeprefix("python:"))(batch_of(["77", "a7"])) == [1.0, 0.5]
+    assert "test_online_rl" in sys.modules and online_rl.RLOO.online
