@@ -219,32 +219,45 @@ def rl_objective_loss(model, batch: dict, ref, rollouts: Rollouts, estimator: st
     """Sample (or reuse) the rollout of ``batch``, then the policy-gradient loss summed over its P prompts (see the
     module docstring); units: P."""
     r = rollouts(model, batch)
-    logps, mask = token_logprobs(model, r.input_ids, r.attention_mask, r.labels)  # (N, L-1), with gradient
     prompts, k = r.rewards.shape
+    answer = r.labels[:, 1:] != IGNORE_INDEX  # (N, L-1) answer tokens, as token_logprobs masks them
     if truncated == "mask":  # truncated answers neither count nor pull: DAPO's overlong filtering
-        mask = mask & ~r.truncated[:, None]
-    metrics: dict[str, torch.Tensor] = {}
+        answer = answer & ~r.truncated[:, None]
+    if r.advantages is None and kl_coef == 0:  # advantages need no forward pass without a KL term
+        r.advantages = advantages(r.rewards, estimator).reshape(-1)
+    # Without a KL term, an answer of advantage 0 (every answer of a prompt whose K rewards are equal) has loss 0 and
+    # gradient 0 whatever its log-probs: it skips the forward and backward passes (one row is kept for the graph).
+    rows = torch.arange(len(r.texts), device=r.labels.device)
+    trained = len(rows)
+    if kl_coef == 0:
+        active = rows[r.advantages != 0]
+        trained, rows = len(active), active if len(active) else rows[:1]
+    logps, mask = token_logprobs(model, r.input_ids[rows], r.attention_mask[rows], r.labels[rows])  # with gradient
+    mask = mask & answer[rows]
+    metrics: dict[str, torch.Tensor] = {"trained_share": torch.tensor(trained / len(r.texts))}
     kl_tokens = None
     if kl_coef > 0:
         with torch.no_grad():
             ref_logps, _ = token_logprobs(ref, r.input_ids, r.attention_mask, r.labels)
         kl_tokens = kl_estimate(logps, ref_logps, kl_estimator) * mask  # (N, L-1)
         metrics["kl"] = kl_tokens.detach().sum() / mask.sum().clamp(min=1)
-    if r.advantages is None:  # the first use of this rollout: the policy that sampled it
+    if r.advantages is None:  # the first use of this rollout, with a KL term
         rewards = r.rewards
-        if kl_tokens is not None and kl_placement == "reward":
+        if kl_placement == "reward":
             rewards = rewards - kl_coef * kl_tokens.detach().sum(-1).view(prompts, k)
         r.advantages = advantages(rewards, estimator).reshape(-1)
-        r.old_logps = logps.detach()
-    token_loss, clipped = policy_gradient_loss(logps, r.old_logps, r.advantages, mask, clip_eps)
+    if r.old_logps is None:  # the policy that sampled the rollout (its first use), for the PPO ratio of later ones
+        r.old_logps = torch.zeros(r.labels[:, 1:].shape, device=logps.device)
+        r.old_logps[rows] = logps.detach()
+    token_loss, clipped = policy_gradient_loss(logps, r.old_logps[rows], r.advantages[rows], mask, clip_eps)
     if kl_tokens is not None and kl_placement == "loss":
         token_loss = token_loss + kl_coef * kl_tokens
     if normalization == "sequence":
         loss_sum = token_loss.sum() / k
     elif normalization == "constant":
         loss_sum = token_loss.sum() / (k * max_new_tokens)
-    else:  # token
-        loss_sum = token_loss.sum() / mask.sum().clamp(min=1) * prompts
+    else:  # token: over every answer token of the micro-batch, the skipped ones included
+        loss_sum = token_loss.sum() / answer.sum().clamp(min=1) * prompts
     metrics.update(rollout_metrics(r))
     metrics["clipped_share"] = clipped
     return loss_sum, torch.tensor(prompts), metrics
