@@ -169,6 +169,12 @@ class TrainConfig:
         1, "Online RL: optimizer steps per batch of rollouts; above 1, PPO's clipped ratio (--clip-eps) keeps the "
         "later steps near the sampling policy.")
     clip_eps: float = _f(0.2, "Online RL: PPO clip range of the probability ratio (matters with --updates-per-rollout > 1).")
+    rollout_engine: str = _f(
+        "auto", "Online RL: what samples the answers: hf (the shared-prefix sampler, any device), vllm (vLLM's offline "
+        "engine, the policy's weights pushed to it after each update; needs vLLM and a CUDA GPU), auto (vllm where "
+        "usable, else hf).", choices=("auto", "hf", "vllm"))
+    vllm_gpu_memory_utilization: float = _f(
+        0.3, "Online RL with --rollout-engine vllm: the share of GPU memory vLLM reserves (the rest trains).")
     truncated_answers: str = _f(
         "reward", "Online RL: answers that hit --max-new-tokens are rewarded like the others, or masked out of the "
         "loss (counted either way).", choices=("reward", "mask"))

@@ -3,7 +3,9 @@
 Each training step, for a micro-batch of P prompts:
 
 1. Rollouts: the policy samples K = --num-generations answers per prompt (no gradient) with ``sampling.PrefixSampler``
-   (one prefill per prompt, the K rows decoded together), at --temperature / --top-p, up to --max-new-tokens.
+   (one prefill per prompt, the K rows decoded together), at --temperature / --top-p, up to --max-new-tokens; or, on
+   a GPU with vLLM installed (--rollout-engine), with vLLM's offline engine, the policy's weights pushed to it
+   after each update (``VLLMEngine``).
 2. Rewards: every --reward source scores every answer; the weighted sum is the reward (``rewards.Rewards``).
 3. KL to the frozen reference (--kl-coef > 0): per token, estimator k1/k2/k3 (``losses.rl.kl_estimate``); summed
    over the answer and subtracted from the reward (--kl-placement reward, RLOO's form), or added per token to the
@@ -34,6 +36,7 @@ from losses.logprobs import IGNORE_INDEX, token_logprobs
 from losses.rl import advantages, kl_estimate, policy_gradient_loss, zero_gradient_share
 from models import load_causal_lm, stop_token_ids
 from objectives import LossOutput, Objective, validate_answers
+from sampling import Continuation
 
 # ---- data: prompts, left-padded ---------------------------------------------------------------------------
 
@@ -88,6 +91,54 @@ class Rollout:
     uses: int = 0
 
 
+class VLLMEngine:
+    """Rollouts from vLLM's offline engine (--rollout-engine vllm, or auto on a CUDA machine with vLLM installed).
+    The engine keeps its own copy of the weights: the policy's are pushed to it before the first rollout after each
+    optimizer step (in-process, as TRL's colocate mode does). Its answers come with their finish reason; the entropy
+    of their distributions is not read (logged as 0).
+
+    Args:
+        llm: a ``vllm.LLM`` (tests pass a stand-in).
+        sampling_params: ``vllm.SamplingParams`` (or a stand-in).
+    """
+
+    def __init__(self, llm, sampling_params):
+        self.llm, self.sampling_params = llm, sampling_params
+        self.pushed_step: int | None = None
+
+    @classmethod
+    def load(cls, cfg) -> VLLMEngine:
+        from vllm import LLM, SamplingParams
+
+        from models import resolve_model_path
+
+        return cls(LLM(model=resolve_model_path(cfg.model_name), seed=cfg.seed, enable_prefix_caching=True,
+                       gpu_memory_utilization=cfg.vllm_gpu_memory_utilization), SamplingParams)
+
+    def push_weights(self, model, step: int) -> None:
+        """Load the policy's current weights into the engine, once per optimizer step."""
+        if self.pushed_step == step:
+            return
+        engine_model = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
+        engine_model.load_weights((name, weight.detach()) for name, weight in model.state_dict().items())
+        self.pushed_step = step
+
+    def sample(self, prompts: list[list[int]], k: int, stop_ids: set[int], max_new_tokens: int, temperature: float,
+               top_p: float, seed: int) -> list[list[Continuation]]:
+        params = self.sampling_params(n=k, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
+                                      stop_token_ids=sorted(stop_ids), seed=seed)
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        return [[Continuation(list(o.token_ids), "length" if o.finish_reason == "length" else "stop") for o in out.outputs]
+                for out in outputs]
+
+
+def vllm_usable() -> bool:
+    """vLLM installed and a CUDA device present."""
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+
+
 class Rollouts:
     """The per-run state of online RL (``Objective.setup``): the sampler's random generator, the reward sources
     (built on first use, on the model's device), the rollouts kept for --updates-per-rollout > 1, and the rollout
@@ -100,7 +151,9 @@ class Rollouts:
         self._generator_state: torch.Tensor | None = None  # restored from a checkpoint before the generator exists
         self.rewards = None
         self.kept: dict[tuple, Rollout] = {}
-        self._written: set[str] = set()  # rollout files this process started (a resumed run starts them over)
+        self._written: set[str] = set()
+        use_vllm = self.cfg.rollout_engine == "vllm" or (self.cfg.rollout_engine == "auto" and vllm_usable())
+        self.engine = VLLMEngine.load(self.cfg) if use_vllm else None  # None: sampling.PrefixSampler  # rollout files this process started (a resumed run starts them over)
 
     # -- checkpoint state
     def state_dict(self) -> dict:
@@ -151,11 +204,17 @@ class Rollouts:
             generator = self._train_generator(device)
         else:  # validation draws from its own seed per step: the training stream is the same with or without it
             generator = torch.Generator(device).manual_seed(cfg.seed + 7919 * (self.module.global_step + 1))
-        with self.module.full_weights():
-            sampler = PrefixSampler(model, prompts, self.tokenizer.pad_token_id, cfg.temperature, cfg.top_p,
-                                    generator=generator)
-            answers = [a for group in sampler.sample(list(range(len(prompts))), k, self.stop_ids, cfg.max_new_tokens)
-                       for a in group]
+        if self.engine is not None:
+            with self.module.full_weights():
+                self.engine.push_weights(model, self.module.global_step)
+            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=device))
+            groups = self.engine.sample(prompts, k, self.stop_ids, cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed)
+        else:
+            with self.module.full_weights():
+                sampler = PrefixSampler(model, prompts, self.tokenizer.pad_token_id, cfg.temperature, cfg.top_p,
+                                        generator=generator)
+                groups = sampler.sample(list(range(len(prompts))), k, self.stop_ids, cfg.max_new_tokens)
+        answers = [a for group in groups for a in group]
         texts = [self.tokenizer.decode(a.tokens, skip_special_tokens=True).strip() for a in answers]
         every = [i // k for i in range(len(answers))]  # prompt of each answer
         rows = RolloutBatch([batch["prompts"][p] for p in every], texts, [batch["references"][p] for p in every],
@@ -303,6 +362,9 @@ def check(cfg) -> list[str]:
         problems.append(f"--kl-coef must be 0 or more, got {cfg.kl_coef}")
     if cfg.precompute_ref_logps:
         problems.append("--precompute-ref-logps cannot work for online RL: the answers are new every step")
+    if cfg.rollout_engine == "vllm" and not cfg.use_ray and not vllm_usable():
+        problems.append("--rollout-engine vllm needs vLLM installed (requirements-gpu.txt) and a CUDA GPU; use "
+                        "--rollout-engine hf (or auto)")
     problems += spec_problems(cfg.reward, cfg.reward_weights)
     if cfg.genrm_gate and not ({"math", "genrm"} <= {s.partition(":")[0] for s in cfg.reward}):
         problems.append("--genrm-gate asks the verifier only where the math reward cannot decide: give both --reward "

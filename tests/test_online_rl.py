@@ -390,3 +390,47 @@ def test_several_updates_per_rollout_reuse_it_and_clip_the_ratio(tiny_model_dir,
 def test_the_toy_reward_module_is_importable_by_its_spec():
     assert rewards.python_reward(TOY_REWARD.removeprefix("python:"))(batch_of(["77", "a7"])) == [1.0, 0.5]
     assert "test_online_rl" in sys.modules and online_rl.RLOO.online
+
+
+@pytest.mark.slow
+def test_vllm_rollouts_get_the_policy_weights_after_every_update(tiny_model_dir, char_tokenizer, tmp_path, monkeypatch):
+    """--rollout-engine vllm with a stand-in for vllm.LLM (vLLM needs a GPU): the engine is asked for K answers per
+    prompt with the run's sampling settings, gets the policy's weights before the rollouts of every step (changed by
+    each update), and its answers are trained on and saved like the HF sampler's."""
+    from types import SimpleNamespace
+
+    seven, a, end = (char_tokenizer.convert_tokens_to_ids(t) for t in ("7", "a", "<|im_end|>"))
+    pushed, calls = [], []
+
+    class EngineModel:
+        def load_weights(self, weights):
+            pushed.append({name: w.clone() for name, w in weights})
+
+    class FakeLLM:
+        llm_engine = SimpleNamespace(model_executor=SimpleNamespace(driver_worker=SimpleNamespace(
+            model_runner=SimpleNamespace(model=EngineModel()))))
+
+        def generate(self, prompts, params, use_tqdm):
+            calls.append((prompts, params))
+            answer = [SimpleNamespace(token_ids=[seven, end], finish_reason="stop"),  # reward 1
+                      SimpleNamespace(token_ids=[seven, a, a, a], finish_reason="length")]  # reward 0.25, truncated
+            return [SimpleNamespace(outputs=[answer[i % 2] for i in range(params["n"])]) for _ in prompts]
+
+    monkeypatch.setattr(online_rl, "vllm_usable", lambda: True)
+    monkeypatch.setattr(online_rl.VLLMEngine, "load", classmethod(lambda cls, cfg: cls(FakeLLM(), dict)))
+    result = train.main(toy_args(tiny_model_dir, tmp_path, "vllm", "--rollout-engine", "vllm", "--max-steps", "2",
+                                 "--max-epochs", "100", "--top-p", "0.9"))
+    run_dir = Path(result["run_dir"])
+    prompts, params = calls[0]
+    assert len(prompts) == 8 and all(set(p) == {"prompt_token_ids"} for p in prompts)
+    assert {k: params[k] for k in ("n", "temperature", "top_p", "max_tokens")} == \
+        {"n": 8, "temperature": 1.0, "top_p": 0.9, "max_tokens": 4}
+    assert end in params["stop_token_ids"]
+    assert len(pushed) == 3  # before the rollouts of step 0, step 1 and the final validation
+    first, second = pushed[0], pushed[1]
+    assert any(not torch.equal(first[n], second[n]) for n in first)  # the update of step 0 reached the engine
+    final = torch.load(next((run_dir / "checkpoints").glob("last.ckpt")), weights_only=False)["state_dict"]
+    torch.testing.assert_close(pushed[2]["model.embed_tokens.weight"], final["model.model.embed_tokens.weight"])
+    rows = [json.loads(x) for x in (run_dir / "rollouts" / "step-0.jsonl").read_text().splitlines()]
+    assert {(r["completion"], r["reward"], r["truncated"]) for r in rows} == {("7", 1.0, False), ("7aaa", 0.25, True)}
+    assert logged(run_dir, "train/truncated_share") == [0.5, 0.5]
