@@ -52,8 +52,8 @@ TEST_ROWS = 8  # our trainer needs a validation split; it is only used after the
 class StepClock:
     """Wall time and token counts of the optimizer steps after the warm-up ones."""
 
-    def __init__(self, cuda: bool):
-        self.cuda = cuda
+    def __init__(self, cuda: bool, warmup: int = WARMUP_STEPS):
+        self.cuda, self.warmup = cuda, warmup
         self.started: float | None = None
         self.steps, self.seconds, self.real_tokens, self.answer_tokens, self.padded_tokens = 0, 0.0, 0, 0, 0
         self.peak_mib = 0.0
@@ -75,22 +75,28 @@ class StepClock:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
     def begin(self, step: int) -> None:
-        if step >= WARMUP_STEPS:
+        if step >= self.warmup:
             self._sync()
             self.started = time.perf_counter()
 
-    def end(self, batch: dict) -> None:
-        """Stop the clock, then count the batch: (B, T) ``attention_mask`` and ``labels``."""
+    def stop(self) -> bool:
+        """Stop the clock of a timed step (its time, count and the peak memory so far); False for a warm-up step."""
         if self.started is None:
-            return
+            return False
         self._sync()
         self.seconds += time.perf_counter() - self.started
         self.started = None
         self.steps += 1
+        self.peak_mib = self._peak_mib()  # read here: saving checkpoints after training is not training
+        return True
+
+    def end(self, batch: dict) -> None:
+        """Stop the clock, then count the batch: (B, T) ``attention_mask`` and ``labels``."""
+        if not self.stop():
+            return
         self.real_tokens += int(batch["attention_mask"].sum())
         self.answer_tokens += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         self.padded_tokens += batch["attention_mask"].numel()
-        self.peak_mib = self._peak_mib()  # read here: saving checkpoints after training is not training
 
     def result(self) -> dict[str, Any]:
         return {
