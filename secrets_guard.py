@@ -189,6 +189,13 @@ def redact_output() -> None:
         logging.setLogRecordFactory(_redacting(logging.getLogRecordFactory()))
 
 
+def excerpt(text: str, limit: int, end: bool = False) -> str:
+    """At most ``limit`` characters of ``text`` (its start, or with ``end`` its end), for a message that quotes it:
+    redacted before it is cut, since a key cut in half no longer looks like a key and would get through."""
+    clean = redact(text)
+    return clean[-limit:] if end else clean[:limit]
+
+
 # ---- files --------------------------------------------------------------------------------------------------
 
 def write_text(path: Path | str, text: str) -> Path:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from secrets_guard import excerpt
+
 CKPT_NAME = "checkpoint.ckpt"  # the Lightning checkpoint inside each Ray Train checkpoint folder
 
 
@@ -150,7 +152,8 @@ def load_checkpoint(path: Path, mmap: bool = False) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError) as exc:
-        raise StorageError(f"{path}: a corrupt checkpoint ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}): "
+        reason = excerpt(" ".join(str(exc).split()), 200)
+        raise StorageError(f"{path}: a corrupt checkpoint ({type(exc).__name__}: {reason}): "
                            "use an earlier checkpoint of the run, or copy this one again") from None
     if not isinstance(checkpoint, dict):
         raise StorageError(f"{path}: holds a {type(checkpoint).__name__}, not a Lightning checkpoint")

@@ -41,7 +41,7 @@ from pathlib import Path
 
 from config import redact
 from errors import ArgumentParser, fail
-from secrets_guard import redact_output, refuse_secret_args, write_json, write_jsonl
+from secrets_guard import excerpt, redact_output, refuse_secret_args, write_json, write_jsonl
 
 DEFAULT_API_JUDGE = "nvidia/llama-3.1-nemotron-70b-reward"
 DEFAULT_BASE_URL = "https://integrate.api.nvidia.com/v1"
@@ -59,7 +59,7 @@ def parse_reward(content: str) -> float:
     """The float of a ``reward:<float>`` reply; ValueError if there is none."""
     match = _REWARD.search(content or "")
     if match is None:
-        raise ValueError(f"no 'reward:<float>' in the judge's reply {content[:80]!r}")
+        raise ValueError(f"no 'reward:<float>' in the judge's reply {excerpt(content, 80)!r}")
     return float(match.group(1))
 
 

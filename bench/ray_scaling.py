@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from secrets_guard import redact_output, write_json
+from secrets_guard import excerpt, redact_output, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 WARMUP_STEPS = 2
@@ -48,7 +48,8 @@ def run(workers: int, args: argparse.Namespace, folder: Path) -> dict:
                "--storage-path", str(folder), "--name", name] + (["--use-gpu"] if args.use_gpu else [])
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if done.returncode != 0:
-        raise SystemExit(f"{workers} workers failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        raise SystemExit(f"{workers} workers failed:\n{excerpt(done.stdout, 3000, end=True)}\n"
+                         f"{excerpt(done.stderr, 3000, end=True)}")
     times = step_times(folder / name / "tensorboard")[WARMUP_STEPS:]
     return {"workers": workers, "batch_per_worker": per_worker, "global_batch": args.global_batch,
             "timed_steps": len(times) - 1, "steps_per_s": (len(times) - 1) / (times[-1] - times[0])}

@@ -47,7 +47,7 @@ from pathlib import Path
 import stopping
 import synthetic_math
 from errors import ArgumentParser, fail
-from secrets_guard import redact_dataset, redact_output, refuse_secret_args, write_jsonl
+from secrets_guard import excerpt, redact_dataset, redact_output, refuse_secret_args, write_jsonl
 
 VERIFY_PROMPT = "Verification: Let's verify step by step."
 VERDICT = "Verification: Is the answer correct (Yes/No)?"
@@ -117,7 +117,7 @@ def parse_inputs(inputs: str) -> tuple[str, str]:
     start = text.rfind(_QUESTION_MARK)
     middle = text.find(_ANSWER_MARK, start)
     if start < 0 or middle < 0 or not text.endswith("\n" + VERIFY_PROMPT):
-        raise SkipRow("inputs not in the Q:/A:/Verification layout", inputs[-80:])
+        raise SkipRow("inputs not in the Q:/A:/Verification layout", excerpt(inputs, 80, end=True))
     question = text[start + len(_QUESTION_MARK):middle]
     solution = text[middle + len(_ANSWER_MARK):-len(VERIFY_PROMPT) - 1]
     if not question.strip() or not solution.strip():
@@ -136,7 +136,7 @@ def parse_verdict(text: str) -> tuple[str, str]:
     """
     matches = list(_VERDICT_RE.finditer(text))
     if not matches:
-        raise SkipRow("no verdict", repr(text[-60:]))
+        raise SkipRow("no verdict", repr(excerpt(text, 60, end=True)))
     match = matches[-1]
     label = match.group(1).capitalize()
     head = _strip_trailing_markup(text[:match.start()])  # the "**" or "<b>" that opened the verdict line
@@ -359,7 +359,7 @@ def read_policy_samples(folder: Path, report: Report) -> Collected:
             try:
                 parsed = synthetic_math.parse_solution(sample)
                 if parsed is None:
-                    raise SkipRow("sample not in the solution format", repr(sample[-60:]))
+                    raise SkipRow("sample not in the solution format", repr(excerpt(sample, 60, end=True)))
                 rationale, _ = synthetic_math.verification_rationale(problem, parsed[0])
                 out.verify.append(verify_row(problem.id, problem.question, sample, rationale, label, "math-verify"))
             except SkipRow as error:

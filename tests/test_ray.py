@@ -271,11 +271,11 @@ def test_online_rl_with_two_cpu_workers_samples_its_own_prompts_on_each(tiny_mod
     """--training-type rloo --use-ray --num-workers 2 (DDP): each rank samples K answers to its own prompts and writes
     its own rollout file per step; the rewards and validation metrics come back."""
     result = train.main(tiny_args(tiny_model_dir, str(tmp_path), "rl", "--training-type", "rloo", "--reward", "format",
-                                  "--num-generations", "2", "--kl-coef", "0", "--batch-size", "2", "--max-steps", "2",
-                                  "--use-ray", "--num-workers", "2", "--strategy", "ddp"))
+                                  "--num-generations", "2", "--kl-coef", "0", "--batch-size", "2", "--use-ray",
+                                  "--num-workers", "2", "--strategy", "ddp"))  # one epoch: 8 steps of 2 x 2 prompts
     rollouts = tmp_path / "rl" / "rollouts"
     training = sorted(p.name for p in rollouts.iterdir() if p.name.startswith("step-"))
-    assert training == [f"step-{s}.rank-{r}.jsonl" for s in (0, 1) for r in (0, 1)]
+    assert training == sorted(f"step-{s}.rank-{r}.jsonl" for s in range(8) for r in (0, 1))
     rows = [{json.loads(line)["row"] for line in (rollouts / f"step-0.rank-{r}.jsonl").read_text().splitlines()}
             for r in (0, 1)]
     assert len(rows[0]) == len(rows[1]) == 2 and not rows[0] & rows[1]  # 2 prompts each, none shared

@@ -290,3 +290,16 @@ def leaks_in_dataset(secrets: dict[str, str], dataset) -> list[str]:
     """'split: VAR' for every planted value in a string of a DatasetDict."""
     return [f"{name}: {var}" for name, split in dataset.items() for var, secret in secrets.items()
             if any(secret in text for text in strings_in(split.to_dict()))]
+
+
+def test_an_excerpt_is_redacted_before_it_is_cut(monkeypatch):
+    """A key that the cut would halve: cut first, its tail no longer looks like a key and gets through redaction;
+    ``excerpt`` redacts the whole text first, so no character of the key is left (the end or the start kept)."""
+    from secrets_guard import excerpt, redact
+
+    key = "sk-" + "A1b2C3d4E5f6G7h8J9k0L1m2"  # token-shaped
+    text = "x" * 49 + " " + key + " end"
+    assert "L1m2" in redact(text[-20:])  # the naive way: the key's last 16 characters leak
+    assert excerpt(text, 20, end=True) == "x" * 12 + " *** end"
+    monkeypatch.setenv("HF_TOKEN", "hf_envvalueXYZ0123456789abcd")
+    assert excerpt("hf_envvalueXYZ0123456789abcd" + "y" * 50, 10) == "***" + "y" * 7
