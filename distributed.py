@@ -190,11 +190,28 @@ def _worker(config: dict, train_fn: Callable[..., dict]) -> None:
         ckpt = storage.fetch_checkpoint(cfg.resume_from_checkpoint, workdir)
     elif cfg.resume_from_checkpoint == "last":
         raise ConfigError([f"--resume-from-checkpoint last: run {cfg.storage_dir} has no checkpoint yet"])
+    if ckpt is not None:  # whole and readable, checked before the data and the model load (as a local run does)
+        storage.load_checkpoint(ckpt, mmap=True)
     if rank == 0:
         pull_run_files(cfg)
     results = train_fn(cfg, ckpt=str(ckpt) if ckpt else None, on_ray=True)
     ray.train.report({k: v for k, v in (results.get("after") or results.get("test") or {}).items()})
     shutil.rmtree(workdir, ignore_errors=True)
+
+
+def input_error(error: BaseException) -> BaseException | None:
+    """The bad-input error (a config, data or file problem, which train.py reports in one line with exit status 2)
+    that a worker failed with, if that is why the run failed; None for anything else (its traceback is kept)."""
+    from config import ConfigError
+    from custom_dataset import DataError
+
+    for failure in getattr(error, "worker_failures", {}).values():
+        cause = failure
+        while cause is not None:
+            if isinstance(cause, (ConfigError, DataError, OSError)):
+                return cause
+            cause = cause.__cause__
+    return None
 
 
 def continue_or_start_over(cfg: TrainConfig) -> None:
@@ -245,9 +262,14 @@ def run_on_ray(cfg: TrainConfig, train_fn: Callable[..., dict]) -> dict:
         ),
     )
     started = time.time()
-    result = trainer.fit()
+    try:
+        result = trainer.fit()  # Ray Train V2 raises a worker's failure (WorkerGroupError)
+    except Exception as exc:
+        if (bad_input := input_error(exc)) is None:
+            raise
+        raise bad_input from None
     if result.error is not None:
-        raise result.error
+        raise input_error(result.error) or result.error
     metrics = {k: v for k, v in (result.metrics or {}).items() if k.startswith("val/")}
     print(f"ray run finished in {(time.time() - started) / 60:.1f} min; stored in {cfg.storage_dir}"
           + (f"; latest checkpoint {result.checkpoint.path}" if result.checkpoint else ""))

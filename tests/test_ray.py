@@ -280,3 +280,16 @@ def test_online_rl_with_two_cpu_workers_samples_its_own_prompts_on_each(tiny_mod
             for r in (0, 1)]
     assert len(rows[0]) == len(rows[1]) == 2 and not rows[0] & rows[1]  # 2 prompts each, none shared
     assert "val/reward_format" in result["after"]
+
+
+def test_a_ray_job_checks_its_checkpoint_before_the_data_and_model_load(tiny_model_dir, tmp_path, capsys):
+    """--resume-from-checkpoint naming a truncated file: the worker stops before loading anything, and the driver
+    ends with the one-line error naming the file (exit status 2), as a local run does."""
+    bad = tmp_path / "truncated.ckpt"
+    bad.write_bytes(b"PK\x03\x04" + b"0" * 64)
+    with pytest.raises(SystemExit) as stopped:
+        train.main(tiny_args(tiny_model_dir, str(tmp_path), "bad", "--batch-size", "4", "--use-ray", "--num-workers", "1",
+                             "--resume-from-checkpoint", str(bad)))
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert f"{bad}: truncated or not a PyTorch checkpoint" in err[-1]
