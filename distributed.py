@@ -190,8 +190,8 @@ def _worker(config: dict, train_fn: Callable[..., dict]) -> None:
         ckpt = storage.fetch_checkpoint(cfg.resume_from_checkpoint, workdir)
     elif cfg.resume_from_checkpoint == "last":
         raise ConfigError([f"--resume-from-checkpoint last: run {cfg.storage_dir} has no checkpoint yet"])
-    if ckpt is not None:  # whole and readable, checked before the data and the model load (as a local run does)
-        storage.load_checkpoint(ckpt, mmap=True)
+    if ckpt is not None and Path(ckpt).is_file():  # whole and readable, checked before the data and the model load
+        storage.load_checkpoint(ckpt, mmap=True)    # (as a local run does; a sharded checkpoint is a folder)
     if rank == 0:
         pull_run_files(cfg)
     results = train_fn(cfg, ckpt=str(ckpt) if ckpt else None, on_ray=True)
