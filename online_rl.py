@@ -141,7 +141,7 @@ def vllm_usable() -> bool:
 
 class Rollouts:
     """The per-run state of online RL (``Objective.setup``): the sampler's random generator, the reward sources
-    (built on first use, on the model's device), the rollouts kept for --updates-per-rollout > 1, and the rollout
+    (built on first use; the reward models they load stay on the CPU), the rollouts kept for --updates-per-rollout > 1, and the rollout
     files. ``state_dict``/``load_state_dict`` go into checkpoints."""
 
     def __init__(self, module):

@@ -93,8 +93,6 @@ class ModelReward:
     def __call__(self, batch: RolloutBatch) -> list[float | None]:
         from models import score_responses
 
-        device = next(self.model.parameters()).device
-        self.model.to(device)
         return score_responses(self.model, self.tokenizer, batch.prompts, batch.completions, self.batch_size)
 
 
