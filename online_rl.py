@@ -141,8 +141,8 @@ def vllm_usable() -> bool:
 
 class Rollouts:
     """The per-run state of online RL (``Objective.setup``): the sampler's random generator, the reward sources
-    (built on first use; the reward models they load stay on the CPU), the rollouts kept for --updates-per-rollout > 1, and the rollout
-    files. ``state_dict``/``load_state_dict`` go into checkpoints."""
+    (built on first use, their reward models and verifiers loaded onto the policy's device), the rollouts kept for
+    --updates-per-rollout > 1, and the rollout files. ``state_dict``/``load_state_dict`` go into checkpoints."""
 
     def __init__(self, module):
         self.module, self.cfg, self.tokenizer = module, module.cfg, module.tokenizer
@@ -197,7 +197,7 @@ class Rollouts:
         cfg, k = self.cfg, self.cfg.num_generations
         device = next(model.parameters()).device
         if self.rewards is None:
-            self.rewards = build(cfg.reward, cfg.reward_weights, cfg, cfg.run_dir)
+            self.rewards = build(cfg.reward, cfg.reward_weights, cfg, cfg.run_dir, device)
         mask = batch["attention_mask"]
         prompts = [row[mask[i].bool()].tolist() for i, row in enumerate(batch["input_ids"])]
         if training:

@@ -31,7 +31,10 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 # Sources defined outside the core, loaded on first use (the core never imports extension/).
 EXTERNAL_SOURCES = {"genrm": "extension.genrm:GenRMReward"}
@@ -83,12 +86,14 @@ def format_reward(batch: RolloutBatch) -> list[float | None]:
 
 
 class ModelReward:
-    """``bt:PATH``: the scalar reward of a sequence-classification reward model (``models.score_responses``)."""
+    """``bt:PATH``: the scalar reward of a sequence-classification reward model (``models.score_responses``), on
+    ``device`` (the policy's: None keeps it on the CPU)."""
 
-    def __init__(self, path: str, batch_size: int = 8):
+    def __init__(self, path: str, batch_size: int = 8, device: torch.device | str | None = None):
         from models import load_reward_model, load_tokenizer
 
-        self.model, self.tokenizer, self.batch_size = load_reward_model(path).eval(), load_tokenizer(path), batch_size
+        self.model = load_reward_model(path).eval().requires_grad_(False).to(device or "cpu")
+        self.tokenizer, self.batch_size = load_tokenizer(path), batch_size
 
     def __call__(self, batch: RolloutBatch) -> list[float | None]:
         from models import score_responses
@@ -236,8 +241,10 @@ def subset(batch: RolloutBatch, index: list[int]) -> RolloutBatch:
                         [batch.references[i] for i in index], {k: [v[i] for i in index] for k, v in batch.columns.items()})
 
 
-def build(specs: Sequence[str], weights: str | None, cfg, run_dir: Path) -> Rewards:
-    """The ``Rewards`` of --reward / --reward-weights, loading the reward models and verifiers they name."""
+def build(specs: Sequence[str], weights: str | None, cfg, run_dir: Path, device: torch.device | str | None = None
+          ) -> Rewards:
+    """The ``Rewards`` of --reward / --reward-weights, loading the reward models and verifiers they name onto
+    ``device`` (the policy's, so that a GPU run scores on its GPU; None: the CPU)."""
     if problems := spec_problems(specs, weights):
         raise RewardError("; ".join(problems))
     sources: dict[str, Source] = {}
@@ -250,14 +257,14 @@ def build(specs: Sequence[str], weights: str | None, cfg, run_dir: Path) -> Rewa
         elif kind == "format":
             sources[name] = format_reward
         elif kind == "bt":
-            sources[name] = ModelReward(rest)
+            sources[name] = ModelReward(rest, device=device)
         elif kind == "api":
             sources[name] = ApiReward(rest or None, run_dir / "reward_cache.jsonl")
         elif kind == "python":
             sources[name] = python_reward(rest)
         else:
             module, _, attr = EXTERNAL_SOURCES[kind].partition(":")
-            sources[name] = getattr(importlib.import_module(module), attr)(rest, cfg)
+            sources[name] = getattr(importlib.import_module(module), attr)(rest, cfg, device)
     if getattr(cfg, "genrm_gate", False):
         if "genrm" not in sources or "math" not in sources:
             raise RewardError("--genrm-gate asks the verifier only where the math reward cannot decide: give both "

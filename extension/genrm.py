@@ -87,10 +87,11 @@ class GenRMReward:
     can train on prompts with no reference answer at all. Seeded by the answers themselves (``rewards.rollout_seed``):
     a resumed run gets the same rewards for the same rollout."""
 
-    def __init__(self, path: str, cfg):
+    def __init__(self, path: str, cfg, device=None):
         from models import load_tokenizer
 
-        self.model, self.tokenizer, self.cfg = load_causal_lm(path).eval().requires_grad_(False), load_tokenizer(path), cfg
+        self.model = load_causal_lm(path).eval().requires_grad_(False).to(device or "cpu")  # the policy's device
+        self.tokenizer, self.cfg = load_tokenizer(path), cfg
 
     def __call__(self, batch) -> list[float]:
         from extension.verifier import score_solutions

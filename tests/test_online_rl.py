@@ -109,6 +109,20 @@ def test_a_python_source_that_cannot_be_loaded_names_the_spec():
         rewards.python_reward("no_such_module:f")
 
 
+
+def test_reward_models_and_verifiers_load_onto_the_device_they_are_given(tiny_model_dir, tmp_path):
+    """A GPU run passes the policy's device: its bt: reward model and genrm: verifier must sit there (``meta`` stands
+    in for the GPU here), and without a device they stay on the CPU."""
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(genrm_gate=False)
+    specs = [f"bt:{tiny_model_dir}", f"genrm:{tiny_model_dir}"]
+    placed = rewards.build(specs, None, cfg, tmp_path, device="meta")
+    default = rewards.build(specs, None, cfg, tmp_path)
+    for built, device in [(placed, "meta"), (default, "cpu")]:
+        for name in ("bt", "genrm"):
+            assert {p.device.type for p in built.sources[name].model.parameters()} == {device}, (name, device)
+
 # ---- the sampler ------------------------------------------------------------------------------------------
 
 def test_top_p_keeps_the_smallest_set_reaching_p():
