@@ -48,6 +48,15 @@ def test_sources_combine_as_the_weighted_sum_of_the_values_given():
     assert values == {"a": [1.0, None, 0.5, None], "b": [0.2, 0.4, None, None]}
 
 
+def test_a_source_of_weight_0_is_logged_but_does_not_train():
+    """The label-free config's watch on math: weights 1 (verifier) and 0 (math). verifier [0.9, 0.2], math [0, 1]:
+    r = [0.9, 0.2], the verifier's alone, while math's values still come back for the logs."""
+    combined, values = Rewards({"genrm": lambda b: [0.9, 0.2], "math": lambda b: [0.0, 1.0]},
+                               rewards.parse_weights("1,0", 2))(batch_of(["p", "q"]))
+    assert combined == pytest.approx([0.9, 0.2])
+    assert values["math"] == [0.0, 1.0]
+
+
 def test_a_gated_source_is_asked_only_where_the_gate_did_not_say_right():
     """genrm gated by math: asked about the answers math scored 0 or None (1, 2, 3), never about answer 0."""
     asked = []
@@ -448,3 +457,18 @@ def test_vllm_rollouts_get_the_policy_weights_after_every_update(tiny_model_dir,
     rows = [json.loads(x) for x in (run_dir / "rollouts" / "step-0.jsonl").read_text().splitlines()]
     assert {(r["completion"], r["reward"], r["truncated"]) for r in rows} == {("7", 1.0, False), ("7aaa", 0.25, True)}
     assert logged(run_dir, "train/truncated_share") == [0.5, 0.5]
+
+
+def test_the_verifier_reward_scores_each_answer_the_same_way_twice(tiny_model_dir, tmp_path):
+    """genrm:PATH on a real (tiny) verifier: one p("Yes") in [0, 1] per answer, and the same values when the same
+    rollout is scored again (seeded by the answers: a resumed run gets the rewards the crashed one got)."""
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(genrm_gate=False, verifier_k_min=2, verifier_k_max=3, verifier_tau=0.05,
+                          verifier_temperature=1.0, verifier_max_new_tokens=6)
+    built = rewards.build([f"genrm:{tiny_model_dir}"], None, cfg, tmp_path)
+    batch = batch_of(["2 + 2 = 4. #### 4", "2 + 2 = 5. #### 5", "#### 7"])
+    first, values = built(batch)
+    again, _ = built(batch)
+    assert len(first) == 3 and all(0.0 <= v <= 1.0 for v in first)
+    assert values["genrm"] == first and again == first
