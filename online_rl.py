@@ -225,7 +225,7 @@ class Rollouts:
         rollout = Rollout(input_ids.to(device), attention.to(device), labels.to(device),
                           torch.tensor(combined, dtype=torch.float32, device=device).view(len(prompts), k), per_source,
                           texts, torch.tensor([a.finish == "length" for a in answers], device=device),
-                          torch.tensor([a.entropy for a in answers], device=device) / lengths.clamp(min=1).to(device),
+                          torch.tensor([a.entropy for a in answers], dtype=torch.float32, device=device) / lengths.clamp(min=1).to(device),
                           lengths.to(device))
         self.save(rollout, batch, every, training)
         return rollout
@@ -293,7 +293,7 @@ def rl_objective_loss(model, batch: dict, ref, rollouts: Rollouts, estimator: st
         trained, rows = len(active), active if len(active) else rows[:1]
     logps, mask = token_logprobs(model, r.input_ids[rows], r.attention_mask[rows], r.labels[rows])  # with gradient
     mask = mask & answer[rows]
-    metrics: dict[str, torch.Tensor] = {"trained_share": torch.tensor(trained / len(r.texts))}
+    metrics: dict[str, torch.Tensor] = {"trained_share": torch.tensor(trained / len(r.texts), dtype=torch.float32)}
     kl_tokens = None
     if kl_coef > 0:
         with torch.no_grad():
@@ -306,7 +306,7 @@ def rl_objective_loss(model, batch: dict, ref, rollouts: Rollouts, estimator: st
             rewards = rewards - kl_coef * kl_tokens.detach().sum(-1).view(prompts, k)
         r.advantages = advantages(rewards, estimator).reshape(-1)
     if r.old_logps is None:  # the policy that sampled the rollout (its first use), for the PPO ratio of later ones
-        r.old_logps = torch.zeros(r.labels[:, 1:].shape, device=logps.device)
+        r.old_logps = torch.zeros(r.labels[:, 1:].shape, dtype=logps.dtype, device=logps.device)  # bf16-true: float32 too
         r.old_logps[rows] = logps.detach()
     token_loss, clipped = policy_gradient_loss(logps, r.old_logps[rows], r.advantages[rows], mask, clip_eps)
     if kl_tokens is not None and kl_placement == "loss":
