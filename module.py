@@ -149,6 +149,8 @@ class PostTrainingModule(pl.LightningModule):
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         self._clock = time.perf_counter()
+        if self.rollouts is not None:  # online RL samples here, outside the strategy's forward (FSDP needs that)
+            self.rollouts.prepare(self.model, batch)
 
     def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
         # Forward, backward and (at a window's end) the optimizer step of this batch; data loading excluded.
@@ -167,6 +169,10 @@ class PostTrainingModule(pl.LightningModule):
     # ---- validation -------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
         self._val_sums = self._val_units = None
+
+    def on_validation_batch_start(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self.rollouts is not None:
+            self.rollouts.prepare(self.model, batch)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self.stop_if_requested()

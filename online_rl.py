@@ -153,7 +153,8 @@ class Rollouts:
         self.kept: dict[tuple, Rollout] = {}
         self._written: set[str] = set()
         use_vllm = self.cfg.rollout_engine == "vllm" or (self.cfg.rollout_engine == "auto" and vllm_usable())
-        self.engine = VLLMEngine.load(self.cfg) if use_vllm else None  # None: sampling.PrefixSampler  # rollout files this process started (a resumed run starts them over)
+        self.engine = VLLMEngine.load(self.cfg) if use_vllm else None  # None: sampling.PrefixSampler
+        self._pending: tuple[list, Rollout] | None = None  # (dataset rows, rollout) drawn by ``prepare``
 
     # -- checkpoint state
     def state_dict(self) -> dict:
@@ -174,7 +175,19 @@ class Rollouts:
         return self.generator
 
     # -- one batch
+    def prepare(self, model, batch: dict) -> None:
+        """Draw the rollout of ``batch`` before its training or validation step (the module's batch-start hooks): the
+        step runs inside the strategy's forward, where FSDP cannot gather the weights that sampling needs."""
+        self._pending = (batch["rows"], self.draw(model, batch))
+
     def __call__(self, model, batch: dict) -> Rollout:
+        """The rollout of ``batch``: the one ``prepare`` drew for it, else drawn now (``draw``)."""
+        pending, self._pending = self._pending, None
+        if pending is not None and pending[0] == batch["rows"]:
+            return pending[1]
+        return self.draw(model, batch)
+
+    def draw(self, model, batch: dict) -> Rollout:
         """The rollout of ``batch``: sampled and rewarded, or the one kept for it while --updates-per-rollout lasts."""
         training = self.module._trainer is not None and self.module.trainer.training
         key = tuple(batch["rows"]) if training and self.cfg.updates_per_rollout > 1 else None

@@ -386,6 +386,21 @@ def test_rloo_learns_the_toy_task_in_bf16(tiny_model_dir, tmp_path, precision):
 
 
 @pytest.mark.slow
+def test_fsdp_samples_outside_the_training_forward_and_matches_a_plain_run(tiny_model_dir, tmp_path):
+    """--strategy fsdp: FSDP cannot gather its weights inside the strategy's forward, where the training step runs,
+    so the rollout is drawn at batch start. Same seed, one process: the same rollouts and losses as without FSDP."""
+    base = ["--max-steps", "3", "--max-epochs", "100"]
+    plain, sharded = Recorder(), Recorder()
+    train.run(resolve(toy_args(tiny_model_dir, tmp_path, "plain", *base))[0], callbacks=[plain])
+    train.run(resolve(toy_args(tiny_model_dir, tmp_path, "fsdp", *base, "--strategy", "fsdp"))[0], callbacks=[sharded])
+    assert len(plain.losses) == 3
+    torch.testing.assert_close(torch.tensor(sharded.losses), torch.tensor(plain.losses), rtol=1e-4, atol=1e-6)
+    for step in range(3):
+        a = (tmp_path / "runs" / "plain" / "rollouts" / f"step-{step}.jsonl").read_text()
+        assert a == (tmp_path / "runs" / "fsdp" / "rollouts" / f"step-{step}.jsonl").read_text(), step
+
+
+@pytest.mark.slow
 def test_resume_draws_the_same_rollouts_and_losses_as_an_uninterrupted_run(tiny_model_dir, tmp_path):
     """6 steps straight, against a run that crashes after step 4 (before its checkpoint: it resumes from step 3's)
     and is resumed: the losses of steps 3-5 and their rollout files match (the sampler's random state comes back

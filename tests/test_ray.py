@@ -267,12 +267,14 @@ def test_the_in_process_ray_runs_leave_sigterm_and_sigint_as_they_were(runs):
     assert {sig: signal.getsignal(sig) for sig in STARTUP_SIGNAL_HANDLERS} == STARTUP_SIGNAL_HANDLERS
 
 
-def test_online_rl_with_two_cpu_workers_samples_its_own_prompts_on_each(tiny_model_dir, tmp_path):
-    """--training-type rloo --use-ray --num-workers 2 (DDP): each rank samples K answers to its own prompts and writes
-    its own rollout file per step; the rewards and validation metrics come back."""
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_online_rl_with_two_cpu_workers_samples_its_own_prompts_on_each(tiny_model_dir, tmp_path, strategy):
+    """--training-type rloo --use-ray --num-workers 2 (DDP, or FSDP whose weights are gathered at each batch start,
+    the ranks then decoding answers of different lengths apart): each rank samples K answers to its own prompts and
+    writes its own rollout file per step; the rewards and validation metrics come back."""
     result = train.main(tiny_args(tiny_model_dir, str(tmp_path), "rl", "--training-type", "rloo", "--reward", "format",
                                   "--num-generations", "2", "--kl-coef", "0", "--batch-size", "2", "--use-ray",
-                                  "--num-workers", "2", "--strategy", "ddp"))  # one epoch: 8 steps of 2 x 2 prompts
+                                  "--num-workers", "2", "--strategy", strategy))  # one epoch: 8 steps of 2 x 2 prompts
     rollouts = tmp_path / "rl" / "rollouts"
     training = sorted(p.name for p in rollouts.iterdir() if p.name.startswith("step-"))
     assert training == sorted(f"step-{s}.rank-{r}.jsonl" for s in range(8) for r in (0, 1))
