@@ -235,11 +235,11 @@ class Rollouts:
         combined, per_source = self.rewards(rows)
         input_ids, attention, labels = answer_batch(prompts, [a.tokens for a in answers], k, self.tokenizer.pad_token_id)
         lengths = torch.tensor([len(a.tokens) for a in answers])
+        entropy = torch.tensor([a.entropy for a in answers], dtype=torch.float32) / lengths.clamp(min=1)
         rollout = Rollout(input_ids.to(device), attention.to(device), labels.to(device),
                           torch.tensor(combined, dtype=torch.float32, device=device).view(len(prompts), k), per_source,
                           texts, torch.tensor([a.finish == "length" for a in answers], device=device),
-                          torch.tensor([a.entropy for a in answers], dtype=torch.float32, device=device) / lengths.clamp(min=1).to(device),
-                          lengths.to(device))
+                          entropy.to(device), lengths.to(device))
         self.save(rollout, batch, every, training)
         return rollout
 
@@ -319,7 +319,7 @@ def rl_objective_loss(model, batch: dict, ref, rollouts: Rollouts, estimator: st
             rewards = rewards - kl_coef * kl_tokens.detach().sum(-1).view(prompts, k)
         r.advantages = advantages(rewards, estimator).reshape(-1)
     if r.old_logps is None:  # the policy that sampled the rollout (its first use), for the PPO ratio of later ones
-        r.old_logps = torch.zeros(r.labels[:, 1:].shape, dtype=logps.dtype, device=logps.device)  # bf16-true: float32 too
+        r.old_logps = torch.zeros(r.labels[:, 1:].shape, dtype=logps.dtype, device=logps.device)  # float32 in bf16
         r.old_logps[rows] = logps.detach()
     token_loss, clipped = policy_gradient_loss(logps, r.old_logps[rows], r.advantages[rows], mask, clip_eps)
     if kl_tokens is not None and kl_placement == "loss":
