@@ -378,6 +378,10 @@ def check(cfg) -> list[str]:
     if cfg.rollout_engine == "vllm" and not cfg.use_ray and not vllm_usable():
         problems.append("--rollout-engine vllm needs vLLM installed (requirements-gpu.txt) and a CUDA GPU; use "
                         "--rollout-engine hf (or auto)")
+    if cfg.strategy == "deepspeed" and cfg.zero_stage == 3:
+        problems.append("--strategy deepspeed --zero-stage 3 cannot sample rollouts: ZeRO-3 gathers the weights in "
+                        "every forward pass, a collective, and the ranks decode answers of different lengths, so they "
+                        "would wait on each other for ever; use --zero-stage 2 or --strategy fsdp")
     problems += spec_problems(cfg.reward, cfg.reward_weights)
     if cfg.genrm_gate and not ({"math", "genrm"} <= {s.partition(":")[0] for s in cfg.reward}):
         problems.append("--genrm-gate asks the verifier only where the math reward cannot decide: give both --reward "

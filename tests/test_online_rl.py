@@ -334,6 +334,8 @@ def test_yaml_takes_a_list_of_rewards_or_one(tmp_path):
     (["--training-type", "rloo", "--genrm-gate"], "--genrm-gate asks the verifier only"),
     (["--training-type", "sft", "--updates-per-rollout", "2"], "--updates-per-rollout is for online RL"),
     (["--training-type", "grpo", "--ref-model-name", "x"], "--ref-model-name is for a run with a reference model"),
+    (["--training-type", "rloo", "--strategy", "deepspeed", "--zero-stage", "3", "--use-ray"],
+     "--zero-stage 3 cannot sample rollouts"),
 ])
 def test_settings_that_cannot_work_are_refused_before_anything_loads(tmp_path, flags, message):
     with pytest.raises(ConfigError, match=message):
