@@ -237,6 +237,15 @@ class PostTrainingModule(pl.LightningModule):
 
         return FullyShardedDataParallel.summon_full_params(self.trainer.strategy.model, writeback=False)
 
+    def sampling_sync(self):
+        """For a sampler whose ranks decode different lengths (``sampling.PrefixSampler``'s ``sync``): under FSDP with
+        several ranks every forward pass gathers weights from all of them, so each decoding step asks whether any
+        rank still decodes; None elsewhere (each rank's forward passes are its own)."""
+        if self.cfg.strategy != "fsdp" or self._trainer is None or self.trainer.world_size < 2:
+            return None
+        strategy = self.trainer.strategy
+        return lambda more: bool(strategy.reduce_boolean_decision(more, all=False))
+
     def generate(self, conversations: list[list[dict]]) -> list[str]:
         """Greedy answers to the last user turn of each conversation (its final assistant turn is the reference)."""
         size = max(self.cfg.batch_size, 16)
@@ -256,15 +265,30 @@ class PostTrainingModule(pl.LightningModule):
         checkpoint["val_metrics"] = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("val/")}
         if self._data_position is not None:
             checkpoint["data_position"] = dict(self._data_position)
-        if self.rollouts is not None:  # the sampler's random state: a resumed run draws the same answers
-            checkpoint["rollouts"] = self.rollouts.state_dict()
+        if self.rollouts is not None:  # every rank's sampler state: a resumed run draws the same answers on each
+            checkpoint["rollouts"] = {"ranks": self._every_rank(self.rollouts.state_dict())}
         # Every string the checkpoint holds (this config, the checkpoint callback's paths, ...) passes through redact.
         checkpoint.update({key: redact_data(value) for key, value in checkpoint.items()})
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._resume_position = checkpoint.get("data_position")
         if self.rollouts is not None and "rollouts" in checkpoint:
-            self.rollouts.load_state_dict(checkpoint["rollouts"])
+            ranks = checkpoint["rollouts"].get("ranks", [checkpoint["rollouts"]])  # before 2026-11-27: rank 0's only
+            world, rank = (self.trainer.world_size, self.trainer.global_rank) if self._trainer is not None else (1, 0)
+            if len(ranks) == world:
+                self.rollouts.load_state_dict(ranks[rank])
+            else:
+                warnings.warn(f"the checkpoint's rollout state is from {len(ranks)} workers and this run has {world}: "
+                              "each worker's sampler starts a new random stream (the rollouts differ from the run's)",
+                              stacklevel=2)
+
+    def _every_rank(self, state):
+        """``state`` of every rank, in rank order (a collective: Lightning saves checkpoints on every rank)."""
+        if self._trainer is None or self.trainer.world_size < 2:
+            return [state]
+        states = [None] * self.trainer.world_size
+        torch.distributed.all_gather_object(states, state)
+        return states
 
     def state_dict(self, *args, **kwargs) -> dict:
         """The trained weights only: the frozen reference is rebuilt from --model-name/--ref-model-name."""

@@ -22,7 +22,7 @@ Each training step, for a micro-batch of P prompts:
    The module averages the micro-batches of an accumulation window over their prompts (units: one per prompt).
 
 Every rollout, with its rewards per source, is written to ``<run>/rollouts/step-N.jsonl`` (validation:
-``val-step-N.jsonl``). The sampler's random state is saved in checkpoints, so a resumed run draws the same rollouts.
+``val-step-N.jsonl``). Every rank's sampler state is saved in checkpoints, so a resumed run draws the same rollouts.
 """
 
 from __future__ import annotations
@@ -89,6 +89,10 @@ class Rollout:
     old_logps: torch.Tensor | None = None  # (N, L-1) log-probs at the first update (--updates-per-rollout > 1)
     advantages: torch.Tensor | None = None  # (N,)
     uses: int = 0
+
+    def to(self, device) -> Rollout:
+        """The same rollout with its tensors on ``device`` (a checkpoint keeps them on the CPU)."""
+        return Rollout(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()})
 
 
 class VLLMEngine:
@@ -158,8 +162,9 @@ class Rollouts:
 
     # -- checkpoint state
     def state_dict(self) -> dict:
+        """This rank's state (the module gathers every rank's into the checkpoint), tensors on the CPU."""
         state = self.generator.get_state() if self.generator is not None else self._generator_state
-        return {"generator": state, "kept": {k: vars(v) for k, v in self.kept.items()}}
+        return {"generator": state, "kept": {k: vars(v.to("cpu")) for k, v in self.kept.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self._generator_state = state.get("generator")
@@ -192,7 +197,7 @@ class Rollouts:
         training = self.module._trainer is not None and self.module.trainer.training
         key = tuple(batch["rows"]) if training and self.cfg.updates_per_rollout > 1 else None
         if key is not None and key in self.kept:
-            rollout = self.kept[key]
+            rollout = self.kept[key] = self.kept[key].to(next(model.parameters()).device)
         else:
             rollout = self.sample(model, batch, training)
             if key is not None:
@@ -225,7 +230,7 @@ class Rollouts:
         else:
             with self.module.full_weights():
                 sampler = PrefixSampler(model, prompts, self.tokenizer.pad_token_id, cfg.temperature, cfg.top_p,
-                                        generator=generator)
+                                        generator=generator, sync=self.module.sampling_sync())
                 groups = sampler.sample(list(range(len(prompts))), k, self.stop_ids, cfg.max_new_tokens)
         answers = [a for group in groups for a in group]
         texts = [self.tokenizer.decode(a.tokens, skip_special_tokens=True).strip() for a in answers]

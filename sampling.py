@@ -73,16 +73,20 @@ class PrefixSampler:
         generator: the random source (its state is the sampler's; a checkpoint can save it), or None to seed a new
             one with ``seed`` on the model's device.
         progress: a ``models.token_bar`` the decoding counts its tokens into (None: no bar).
+        sync: for a model sharded across ranks (FSDP), whose every forward pass is a collective: called once per
+            decoding step with "this rank still has rows", it returns whether any rank has; a rank whose rows are
+            done keeps running a one-token forward pass until then, so the ranks stay in step. None: no other ranks.
     """
 
     def __init__(self, model, prompts: list[list[int]], pad_id: int, temperature: float = 1.0, top_p: float = 1.0,
-                 share_prefix: bool = True, generator: torch.Generator | None = None, seed: int = 0, progress=None):
+                 share_prefix: bool = True, generator: torch.Generator | None = None, seed: int = 0, progress=None,
+                 sync: Callable[[bool], bool] | None = None):
         if not prompts or any(len(p) < 2 for p in prompts):
             raise ValueError("every prompt needs at least 2 tokens")
         from models import left_pad
 
         self.model, self.temperature, self.top_p, self.share_prefix = model, temperature, top_p, share_prefix
-        self.progress = progress
+        self.progress, self.sync = progress, sync
         self.device = next(model.parameters()).device
         self.generator = generator if generator is not None else torch.Generator(self.device).manual_seed(seed)
         ids, mask = left_pad(prompts, pad_id)  # (P, W)
@@ -118,8 +122,15 @@ class PrefixSampler:
             current = self.ids[rows, -1]  # (R,) the next token to feed: first the prompt's last one
             position = self.mask[rows].sum(-1) - 1  # (R,)
             attention = self.mask[rows]  # (R, W + generated so far)
-            while alive:
+            while True:
                 stopping.check()
+                if self.sync is not None and not self.sync(bool(alive)):
+                    break  # every rank is done
+                if not alive:
+                    if self.sync is None:
+                        break
+                    self.model(input_ids=self.ids[:1, -1:])  # this rank is done; the others' forward passes need it
+                    continue
                 logits = self.model(input_ids=current[:, None], attention_mask=attention, position_ids=position[:, None],
                                     past_key_values=cache, use_cache=True).logits[:, -1]  # (R, V)
                 sampled = sample_tokens(logits, self.temperature, self.top_p, self.generator).tolist()
@@ -128,7 +139,8 @@ class PrefixSampler:
                 chosen = choose(alive, sampled, logits)
                 keep = [b for b, token in enumerate(chosen) if token is not None]
                 if not keep:
-                    break
+                    alive = []
+                    continue
                 if len(keep) < len(alive):  # finished rows leave the batch and the cache
                     index = torch.tensor(keep, dtype=torch.long, device=self.device)
                     cache.batch_select_indices(index)

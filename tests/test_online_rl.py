@@ -501,3 +501,148 @@ def test_the_verifier_reward_scores_each_answer_the_same_way_twice(tiny_model_di
     again, _ = built(batch)
     assert len(first) == 3 and all(0.0 <= v <= 1.0 for v in first)
     assert values["genrm"] == first and again == first
+
+
+def _fsdp_sampling_worker(rank: int, model_dir: str, port: int, out: str) -> None:
+    """One of 2 gloo ranks: the tiny model FSDP-sharded by decoder layer, weights gathered as for a rollout, then
+    rank 0 decodes up to 6 tokens and rank 1 up to 2 (their forward passes are collectives)."""
+    import datetime
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from transformers import AutoModelForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from sampling import PrefixSampler
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        root = FSDP(model, auto_wrap_policy=ModuleWrapPolicy({LlamaDecoderLayer}), device_id=torch.device("cpu"),
+                    use_orig_params=True)
+
+        def sync(more: bool) -> bool:
+            flag = torch.tensor(int(more))
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            return bool(flag)
+
+        with torch.no_grad(), FSDP.summon_full_params(root, writeback=False):
+            sampler = PrefixSampler(model, [[3, 4, 5], [6, 7]], 0, seed=rank, sync=sync)
+            groups = sampler.sample([0, 1], 2, set(), 6 if rank == 0 else 2)
+        Path(out, f"rank-{rank}.json").write_text(json.dumps([[a.tokens for a in g] for g in groups]))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp_ranks_that_decode_different_lengths_stay_in_step(tiny_model_dir, tmp_path):
+    """Under FSDP every forward pass gathers weights from all ranks, so a rank whose answers are done must keep
+    stepping while another decodes (without ``sync`` rank 0's third token waits for ever). Both finish, and each
+    rank's answers are the ones the unsharded model draws with the same seed."""
+    import socket
+
+    import torch.multiprocessing as mp
+    from transformers import AutoModelForCausalLM
+
+    from sampling import PrefixSampler
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_fsdp_sampling_worker, args=(str(tiny_model_dir), port, str(tmp_path)), nprocs=2, join=True)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    for rank, budget in [(0, 6), (1, 2)]:
+        expected = PrefixSampler(model, [[3, 4, 5], [6, 7]], 0, seed=rank).sample([0, 1], 2, set(), budget)
+        got = json.loads((tmp_path / f"rank-{rank}.json").read_text())
+        assert got == [[a.tokens for a in g] for g in expected]
+        assert {len(t) for g in got for t in g} == {budget}
+
+
+class _StateRecorder:
+    def __init__(self):
+        self.loaded = []
+
+    def load_state_dict(self, state):
+        self.loaded.append(state)
+
+
+def _fake_module(world: int, rank: int):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(rollouts=_StateRecorder(), _trainer=object(),
+                           trainer=SimpleNamespace(world_size=world, global_rank=rank))
+
+
+def test_each_rank_resumes_its_own_sampler_state():
+    """A checkpoint keeps every rank's sampler state (rank 0 writes the file); rank 1 of 2 takes the second. A
+    checkpoint from before (one state) still loads on one worker; with another worker count nothing loads, and a
+    warning says the rollouts will differ."""
+    from module import PostTrainingModule
+
+    fake = _fake_module(2, 1)
+    PostTrainingModule.on_load_checkpoint(fake, {"rollouts": {"ranks": [{"generator": "r0"}, {"generator": "r1"}]}})
+    assert fake.rollouts.loaded == [{"generator": "r1"}]
+    single = _fake_module(1, 0)
+    PostTrainingModule.on_load_checkpoint(single, {"rollouts": {"generator": "old", "kept": {}}})
+    assert single.rollouts.loaded == [{"generator": "old", "kept": {}}]
+    other = _fake_module(3, 0)
+    with pytest.warns(UserWarning, match="from 2 workers and this run has 3"):
+        PostTrainingModule.on_load_checkpoint(other, {"rollouts": {"ranks": [{}, {}]}})
+    assert other.rollouts.loaded == []
+
+
+def test_kept_rollouts_go_into_the_checkpoint_on_the_cpu_and_come_back_whole():
+    """--updates-per-rollout > 1 keeps rollouts between steps; the checkpoint holds them on the CPU (Lightning loads
+    checkpoints there) and ``Rollout.to`` moves a reused one to the policy's device."""
+    from types import SimpleNamespace
+
+    rollout = Rollout(torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.long),
+                      torch.full((2, 3), -100), torch.tensor([[1.0, 0.0]]), {"math": [1.0, 0.0]}, ["a", "b"],
+                      torch.tensor([False, True]), torch.tensor([0.5, 0.25]), torch.tensor([2, 3]), uses=1)
+    state = {"generator": torch.Generator().manual_seed(3).get_state(), "kept": {(0,): vars(rollout.to("cpu"))}}
+    owner = SimpleNamespace(cfg=SimpleNamespace(rollout_engine="hf"), tokenizer=None)
+    rollouts = online_rl.Rollouts.__new__(online_rl.Rollouts)
+    rollouts.module, rollouts.cfg, rollouts.generator = owner, owner.cfg, None
+    rollouts.load_state_dict(state)
+    back = rollouts.state_dict()
+    assert torch.equal(back["generator"], state["generator"])
+    again = Rollout(**back["kept"][(0,)]).to(torch.device("cpu"))
+    for name, value in vars(rollout).items():
+        assert (torch.equal(value, getattr(again, name)) if isinstance(value, torch.Tensor)
+                else value == getattr(again, name)), name
+
+
+def _gather_worker(rank: int, port: int, out: str) -> None:
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    from module import PostTrainingModule
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
+    try:
+        states = PostTrainingModule._every_rank(_fake_module(2, rank), {"generator": torch.full((4,), rank)})
+        Path(out, f"rank-{rank}.json").write_text(json.dumps([s["generator"].tolist() for s in states]))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_the_checkpoint_gathers_every_ranks_sampler_state(tmp_path):
+    """Every rank saves (Lightning's checkpoint hooks run on all of them), and each gets every rank's state in rank
+    order, so the file rank 0 writes holds rank 1's stream too."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_gather_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank-{rank}.json").read_text()) == [[0, 0, 0, 0], [1, 1, 1, 1]]
