@@ -503,12 +503,35 @@ def test_the_verifier_reward_scores_each_answer_the_same_way_twice(tiny_model_di
     assert values["genrm"] == first and again == first
 
 
-def _fsdp_sampling_worker(rank: int, model_dir: str, port: int, out: str) -> None:
-    """One of 2 gloo ranks: the tiny model FSDP-sharded by decoder layer, weights gathered as for a rollout, then
-    rank 0 decodes up to 6 tokens and rank 1 up to 2 (their forward passes are collectives)."""
+def _on_two_gloo_ranks(worker, *args) -> None:
+    """``worker(rank, *args)`` in 2 processes joined by a gloo process group on a free local port (60 s timeout)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_gloo_rank, args=(port, worker, args), nprocs=2, join=True)
+
+
+def _gloo_rank(rank: int, port: int, worker, args: tuple) -> None:
     import datetime
     import os
 
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
+    try:
+        worker(rank, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def _fsdp_sampling_worker(rank: int, model_dir: str, out: str) -> None:
+    """One of 2 gloo ranks: the tiny model FSDP-sharded by decoder layer, weights gathered as for a rollout, then
+    rank 0 decodes up to 6 tokens and rank 1 up to 2 (their forward passes are collectives)."""
     import torch.distributed as dist
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
@@ -517,24 +540,19 @@ def _fsdp_sampling_worker(rank: int, model_dir: str, port: int, out: str) -> Non
 
     from sampling import PrefixSampler
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
-    try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir)
-        root = FSDP(model, auto_wrap_policy=ModuleWrapPolicy({LlamaDecoderLayer}), device_id=torch.device("cpu"),
-                    use_orig_params=True)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    root = FSDP(model, auto_wrap_policy=ModuleWrapPolicy({LlamaDecoderLayer}), device_id=torch.device("cpu"),
+                use_orig_params=True)
 
-        def sync(more: bool) -> bool:
-            flag = torch.tensor(int(more))
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            return bool(flag)
+    def sync(more: bool) -> bool:
+        flag = torch.tensor(int(more))
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag)
 
-        with torch.no_grad(), FSDP.summon_full_params(root, writeback=False):
-            sampler = PrefixSampler(model, [[3, 4, 5], [6, 7]], 0, seed=rank, sync=sync)
-            groups = sampler.sample([0, 1], 2, set(), 6 if rank == 0 else 2)
-        Path(out, f"rank-{rank}.json").write_text(json.dumps([[a.tokens for a in g] for g in groups]))
-    finally:
-        dist.destroy_process_group()
+    with torch.no_grad(), FSDP.summon_full_params(root, writeback=False):
+        sampler = PrefixSampler(model, [[3, 4, 5], [6, 7]], 0, seed=rank, sync=sync)
+        groups = sampler.sample([0, 1], 2, set(), 6 if rank == 0 else 2)
+    Path(out, f"rank-{rank}.json").write_text(json.dumps([[a.tokens for a in g] for g in groups]))
 
 
 @pytest.mark.slow
@@ -542,17 +560,11 @@ def test_fsdp_ranks_that_decode_different_lengths_stay_in_step(tiny_model_dir, t
     """Under FSDP every forward pass gathers weights from all ranks, so a rank whose answers are done must keep
     stepping while another decodes (without ``sync`` rank 0's third token waits for ever). Both finish, and each
     rank's answers are the ones the unsharded model draws with the same seed."""
-    import socket
-
-    import torch.multiprocessing as mp
     from transformers import AutoModelForCausalLM
 
     from sampling import PrefixSampler
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_fsdp_sampling_worker, args=(str(tiny_model_dir), port, str(tmp_path)), nprocs=2, join=True)
+    _on_two_gloo_ranks(_fsdp_sampling_worker, str(tiny_model_dir), str(tmp_path))
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     for rank, budget in [(0, 6), (1, 2)]:
         expected = PrefixSampler(model, [[3, 4, 5], [6, 7]], 0, seed=rank).sample([0, 1], 2, set(), budget)
@@ -615,34 +627,17 @@ def test_kept_rollouts_go_into_the_checkpoint_on_the_cpu_and_come_back_whole():
                 else value == getattr(again, name)), name
 
 
-def _gather_worker(rank: int, port: int, out: str) -> None:
-    import datetime
-    import os
-
-    import torch.distributed as dist
-
+def _gather_worker(rank: int, out: str) -> None:
     from module import PostTrainingModule
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
-    try:
-        states = PostTrainingModule._every_rank(_fake_module(2, rank), {"generator": torch.full((4,), rank)})
-        Path(out, f"rank-{rank}.json").write_text(json.dumps([s["generator"].tolist() for s in states]))
-    finally:
-        dist.destroy_process_group()
+    states = PostTrainingModule._every_rank(_fake_module(2, rank), {"generator": torch.full((4,), rank)})
+    Path(out, f"rank-{rank}.json").write_text(json.dumps([s["generator"].tolist() for s in states]))
 
 
 @pytest.mark.slow
 def test_the_checkpoint_gathers_every_ranks_sampler_state(tmp_path):
     """Every rank saves (Lightning's checkpoint hooks run on all of them), and each gets every rank's state in rank
     order, so the file rank 0 writes holds rank 1's stream too."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_gather_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    _on_two_gloo_ranks(_gather_worker, str(tmp_path))
     for rank in (0, 1):
         assert json.loads((tmp_path / f"rank-{rank}.json").read_text()) == [[0, 0, 0, 0], [1, 1, 1, 1]]
