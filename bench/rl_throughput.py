@@ -4,7 +4,8 @@
 Each optimizer step of every run samples K = --num-generations answers to each of P = --prompts-per-step
 synthetic-math prompts (temperature 1.0, top-p 1, no top-k, up to --max-new-tokens), rewards each answer with
 math-verify against the row's reference (ours ``--reward math``; TRL a reward function calling our
-``rewards.math_reward``, so the same code scores both), and takes one AdamW step on the policy gradient of those
+``rewards.math_reward``, so the same code scores both; ``--reward coin``: a 0/1 checksum of the answer's text, the
+same function for all, for policies that solve nothing, such as random weights on a GPU), and takes one AdamW step on the policy gradient of those
 P*K answers: fp32, no KL term and no reference model (ours ``--kl-coef 0``, TRL ``beta=0.0``), one update per batch
 of rollouts (ours ``--updates-per-rollout 1``; TRL ``num_iterations=1``, ``steps_per_generation=1``,
 ``gradient_accumulation_steps=1``, ``per_device_train_batch_size`` = P*K, as TRL counts completions), the same lr,
@@ -54,11 +55,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -140,7 +143,7 @@ def rl_config(args: argparse.Namespace, storage: str):
         "--max-steps", str(total_steps(args)), "--max-length", str(args.max_length), "--lr", str(args.lr),
         "--warmup-steps", "0", "--precision", "32", "--num-generations", str(args.num_generations),
         "--max-new-tokens", str(args.max_new_tokens), "--temperature", str(TEMPERATURE), "--top-p", "1.0",
-        "--reward", "math", "--kl-coef", "0", "--updates-per-rollout", "1",
+        "--reward", "math" if args.reward == "math" else "python:bench.rl_throughput:coin", "--kl-coef", "0", "--updates-per-rollout", "1",
         "--val-generate-samples", "0", "--num-sanity-val-steps", "0", "--no-verbose",
         "--storage-path", storage, "--name", "bench",
     ]
@@ -222,6 +225,15 @@ def math_correctness(prompts, completions, reference, **_) -> list[float | None]
     return math_reward(RolloutBatch(prompts, texts, list(reference)))
 
 
+def coin(prompts, completions, **_) -> list[float]:
+    """``--reward coin``: 0 or 1 from a checksum of the answer's text (the same function for every run). Each answer
+    is a fair coin, whatever the policy knows, so about 1 - 2/2**K of the prompts have rewards that differ and every
+    framework trains nearly all answers: the comparison for a policy whose K answers disagree (a random-weight model
+    on a GPU answers no math problem, and ``math`` would leave ours almost nothing to train)."""
+    texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+    return [float(zlib.crc32(t.encode()) % 2) for t in texts]
+
+
 def measure_trl(args: argparse.Namespace, algorithm: str) -> dict[str, Any]:
     import transformers
     import trl
@@ -272,6 +284,9 @@ def measure_trl(args: argparse.Namespace, algorithm: str) -> dict[str, Any]:
                 for r in (train_set.rows[i] for i in planned_rows(cfg, train_set))]
         specific = {"rloo": {"normalize_advantages": False},  # RLOO's defaults, spelled out
                     "grpo": {"loss_type": "dapo", "scale_rewards": "group"}}[algorithm]
+        # transformers renamed gradient_checkpointing to activation_checkpointing (5.17 has the old name, 5.24 the new)
+        checkpointing = next(f.name for f in dataclasses.fields(config_class)
+                             if f.name in ("activation_checkpointing", "gradient_checkpointing"))
         config = config_class(
             output_dir=storage, per_device_train_batch_size=args.prompts_per_step * k, gradient_accumulation_steps=1,
             steps_per_generation=1, num_iterations=1, num_generations=k, max_completion_length=args.max_new_tokens,
@@ -279,15 +294,15 @@ def measure_trl(args: argparse.Namespace, algorithm: str) -> dict[str, Any]:
             shuffle_dataset=False,  # the rows come in our sampler's order: the same prompts every step
             max_steps=total_steps(args), num_train_epochs=1, learning_rate=args.lr, lr_scheduler_type="cosine",
             warmup_steps=0, weight_decay=cfg.weight_decay, max_grad_norm=cfg.gradient_clip_val, seed=cfg.seed,
-            bf16=False, fp16=False, activation_checkpointing=False,  # TRL defaults to bf16 and checkpointing; ours to neither
+            bf16=False, fp16=False, **{checkpointing: False},  # TRL defaults to bf16 and checkpointing; ours to neither
             use_cpu=not cuda, dataloader_num_workers=0, report_to=[], save_strategy="no", eval_strategy="no",
             logging_strategy="no", disable_tqdm=True, log_completions=False, **specific,
         )
-        trainer = TimedTrainer(model=load_causal_lm(cfg.model_name), reward_funcs=[math_correctness], args=config,
+        trainer = TimedTrainer(model=load_causal_lm(cfg.model_name), reward_funcs=[math_correctness if args.reward == "math" else coin], args=config,
                                train_dataset=Dataset.from_list(rows), processing_class=tokenizer, callbacks=[Timer()])
         trainer.train()
     return {"run": f"TRL {trl.__version__} {base.__name__}", "stop_token_ids": sorted(trainer.eos_token_ids),
-            "mixed_precision": trainer.accelerator.mixed_precision, "activation_checkpointing": config.activation_checkpointing,
+            "mixed_precision": trainer.accelerator.mixed_precision, "activation_checkpointing": getattr(config, checkpointing),
             **clock.result()}
 
 
@@ -361,6 +376,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-length", type=int, default=256, help="Prompts this long or longer are dropped (ours).")
     parser.add_argument("--levels", default="1,2", help="Synthetic-math difficulty levels.")
     parser.add_argument("--lr", type=float, default=1e-5, help="Learning rate of every run.")
+    parser.add_argument("--reward", choices=("math", "coin"), default="math",
+                        help="math: math-verify against the reference; coin: 0/1 from a checksum of the answer (see coin).")
     parser.add_argument("--trl", default=",".join(TRL_TRAINERS), help="TRL trainers to run, comma separated: rloo, grpo.")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="Default: cuda when available.")
     parser.add_argument("--out", default=None, help="Write the results as JSON to this file.")

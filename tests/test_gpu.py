@@ -1,11 +1,14 @@
-"""GPU-only checks: FP8 training tracks bf16. Skipped cleanly without a CUDA GPU of compute capability 8.9+
-(Ada, Hopper) or without an FP8 backend (Transformer Engine or torchao); run with ``pytest -m gpu``."""
+"""GPU-only checks: FP8 training tracks bf16 (skipped without a CUDA GPU of compute capability 8.9+ (Ada, Hopper) or
+without an FP8 backend, Transformer Engine or torchao), and online RL runs on the GPU (skipped without CUDA): its
+reward models sit there, and a resumed run brings its kept rollouts back to it. Run with ``pytest -m gpu``."""
 
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 
 from losses.logprobs import IGNORE_INDEX, token_logprobs
@@ -83,3 +86,59 @@ def test_fp8_loss_tracks_bf16(backend, scaling):
           f"{[round(x, 3) for x in fp8]}")
     assert bf16[-1] < 0.5 * bf16[0], "the bf16 run itself did not learn the copy task"
     assert tracking_problems(bf16, fp8, scaling) == []
+
+
+# ---- online RL on the GPU ---------------------------------------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+class RewardDevices(pl.Callback):
+    """Records, at every batch, the device types of the bt: and genrm: reward models' parameters."""
+
+    def __init__(self):
+        self.seen: dict[str, set[str]] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        for name in ("bt", "genrm"):
+            model = pl_module.rollouts.rewards.sources[name].model
+            self.seen.setdefault(name, set()).update(p.device.type for p in model.parameters())
+
+
+@pytest.mark.slow
+@needs_cuda
+def test_online_rl_learns_on_the_gpu_with_its_reward_models_there(tiny_model_dir, tmp_path):
+    """--use-gpu --precision bf16-true: the toy reward climbs as on the CPU; a bt: reward model and a genrm: verifier
+    (weight 0: scored and logged, not trained on) sit on the GPU with the policy."""
+    from test_online_rl import logged, toy_args
+
+    import train
+    from config import resolve
+
+    devices = RewardDevices()
+    cfg = resolve(toy_args(tiny_model_dir, tmp_path, "cuda", "--max-steps", "30", "--max-epochs", "100", "--use-gpu",
+                           "--precision", "bf16-true", "--reward", f"bt:{tiny_model_dir}", "--reward",
+                           f"genrm:{tiny_model_dir}", "--reward-weights", "1,0,0", "--verifier-k-min", "1",
+                           "--verifier-k-max", "2", "--verifier-max-new-tokens", "8"))[0]
+    run_dir = train.run(cfg, callbacks=[devices])["run_dir"]
+    reward = logged(Path(run_dir), "train/reward")
+    assert len(reward) == 30 and sum(reward[-5:]) / 5 > 0.3, reward
+    assert devices.seen == {"bt": {"cuda"}, "genrm": {"cuda"}}
+    assert len(logged(Path(run_dir), "train/reward_genrm")) == 30
+
+
+@pytest.mark.slow
+@needs_cuda
+def test_a_resumed_gpu_run_reuses_its_kept_rollout_on_the_gpu(tiny_model_dir, tmp_path):
+    """--updates-per-rollout 2 on the GPU: the run crashes after step 1 and resumes from step 0's checkpoint, which
+    holds the rollout drawn at step 0 (saved on the CPU). Step 1 reuses it on the GPU; losses and rollout files
+    match an uninterrupted run."""
+    from test_online_rl import same_rollout_files, whole_and_resumed
+
+    base = ["--max-steps", "4", "--max-epochs", "100", "--checkpoint-every-n-steps", "1", "--use-gpu",
+            "--updates-per-rollout", "2"]
+    whole, first, second = whole_and_resumed(tiny_model_dir, tmp_path, base, crash_at=2)
+    assert len(whole.losses) == 4 and len(first.losses) == 2 and len(second.losses) == 3
+    torch.testing.assert_close(torch.tensor(first.losses[:1] + second.losses), torch.tensor(whole.losses),
+                               rtol=1e-4, atol=1e-6)
+    same_rollout_files(tmp_path, (0, 2))

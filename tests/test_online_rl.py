@@ -402,27 +402,37 @@ def test_fsdp_samples_outside_the_training_forward_and_matches_a_plain_run(tiny_
         assert a == (tmp_path / "runs" / "fsdp" / "rollouts" / f"step-{step}.jsonl").read_text(), step
 
 
+def whole_and_resumed(model: Path, folder: Path, base: list[str], crash_at: int) -> tuple[Recorder, Recorder, Recorder]:
+    """The toy run ``base`` straight (run "whole"), and again (run "split") crashing at global step ``crash_at``
+    (before that step's checkpoint) and resumed from its last checkpoint: the three runs' recorded losses."""
+    from test_training import Crash
+
+    whole, first, second = Recorder(), Recorder(), Recorder()
+    train.run(resolve(toy_args(model, folder, "whole", *base))[0], callbacks=[whole])
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train.run(resolve(toy_args(model, folder, "split", *base))[0], callbacks=[first, Crash(at_step=crash_at)])
+    train.run(resolve(toy_args(model, folder, "split", *base, "--resume-from-checkpoint", "last"))[0],
+              callbacks=[second])
+    return whole, first, second
+
+
+def same_rollout_files(folder: Path, steps) -> None:
+    for step in steps:
+        a = (folder / "runs" / "whole" / "rollouts" / f"step-{step}.jsonl").read_text()
+        assert a == (folder / "runs" / "split" / "rollouts" / f"step-{step}.jsonl").read_text(), step
+
+
 @pytest.mark.slow
 def test_resume_draws_the_same_rollouts_and_losses_as_an_uninterrupted_run(tiny_model_dir, tmp_path):
     """6 steps straight, against a run that crashes after step 4 (before its checkpoint: it resumes from step 3's)
     and is resumed: the losses of steps 3-5 and their rollout files match (the sampler's random state comes back
     from the checkpoint; the crashed run's step-3 file is written anew, not appended to)."""
-    from test_training import Crash
-
     base = ["--max-steps", "6", "--max-epochs", "100", "--checkpoint-every-n-steps", "1"]
-    whole, first, second = Recorder(), Recorder(), Recorder()
-    train.run(resolve(toy_args(tiny_model_dir, tmp_path, "whole", *base))[0], callbacks=[whole])
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train.run(resolve(toy_args(tiny_model_dir, tmp_path, "split", *base))[0], callbacks=[first, Crash(at_step=4)])
-    train.run(resolve(toy_args(tiny_model_dir, tmp_path, "split", *base, "--resume-from-checkpoint", "last"))[0],
-              callbacks=[second])
+    whole, first, second = whole_and_resumed(tiny_model_dir, tmp_path, base, crash_at=4)
     assert len(whole.losses) == 6 and len(first.losses) == 4 and len(second.losses) == 3
     torch.testing.assert_close(torch.tensor(first.losses[:3] + second.losses), torch.tensor(whole.losses), rtol=1e-5,
                                atol=1e-6)
-    for step in range(6):
-        a = (tmp_path / "runs" / "whole" / "rollouts" / f"step-{step}.jsonl").read_text()
-        b = (tmp_path / "runs" / "split" / "rollouts" / f"step-{step}.jsonl").read_text()
-        assert a == b, step
+    same_rollout_files(tmp_path, range(6))
 
 
 @pytest.mark.slow

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The online-RL checks of one device session, as one script (about 5 minutes on one H100 or H200, each step under a
+# timeout): run from the repository root on the GPU machine. Prepare here first (no network there):
+#   1. .gpu/model: SmolLM2-135M's config and tokenizer, no weights (random weights are built there):
+#        .venv/bin/python -c "import models, shutil, pathlib; s = models.smollm2_folder(); d = pathlib.Path('.gpu/model'); \
+#          d.mkdir(parents=True, exist_ok=True); [shutil.copy(p, d) for p in s.iterdir() if p.suffix != '.safetensors']"
+#   2. .gpu/wheels: what the machine lacks (datasets, dill, multiprocess, math-verify, latex2sympy2_extended,
+#      antlr4-python3-runtime, trl), downloaded as in the device tool's README (--no-deps, cp312, manylinux).
+#   3. carry .gpu; results land in $OUT (gpu-rl-session.log, rl_throughput_gpu.json).
+set -uo pipefail
+OUT=${OUT:-runs/gpu-rl-session}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/wheels/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD
+log="$OUT/gpu-rl-session.log"
+step() { echo "=== $* ($(date +%T))" | tee -a "$log"; }
+
+step "0. machine and versions"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee -a "$log"
+python3 -c "import torch, transformers, trl, pytorch_lightning, datasets, pyarrow
+print('torch', torch.__version__, 'transformers', transformers.__version__, 'trl', trl.__version__,
+      'pytorch_lightning', pytorch_lightning.__version__, 'datasets', datasets.__version__, 'pyarrow', pyarrow.__version__)" \
+  2>&1 | tail -2 | tee -a "$log"
+# Random weights in SmolLM2-135M's architecture: no weights travel (64 MiB limit); speed does not depend on them.
+python3 -c "
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+import torch; torch.manual_seed(0)
+AutoModelForCausalLM.from_config(AutoConfig.from_pretrained('.gpu/model')).save_pretrained('/tmp/smollm2-random')
+AutoTokenizer.from_pretrained('.gpu/model').save_pretrained('/tmp/smollm2-random')" 2>&1 | tail -2 | tee -a "$log"
+
+step "1. online RL on the GPU: reward models there, kept rollouts back there after a resume"
+timeout 200 python3 -m pytest -q -m gpu tests/test_gpu.py -k "online_rl or resumed" -p no:cacheprovider 2>&1 \
+  | tail -15 | tee -a "$log"
+
+step "2. bench/rl_throughput.py on the GPU: ours against TRL RLOOTrainer and GRPOTrainer (coin reward, fp32)"
+timeout 330 python3 bench/rl_throughput.py --model-name /tmp/smollm2-random --device cuda --reward coin \
+  --prompts-per-step 16 --num-generations 8 --max-new-tokens 128 --steps 5 --warmup-steps 1 \
+  --out "$OUT/rl_throughput_gpu.json" 2>&1 | grep -vE "Warning|warn\(|^\s*$" | tail -25 | tee -a "$log"
+step "done"
