@@ -5,15 +5,16 @@ Each optimizer step of every run samples K = --num-generations answers to each o
 synthetic-math prompts (temperature 1.0, top-p 1, no top-k, up to --max-new-tokens), rewards each answer with
 math-verify against the row's reference (ours ``--reward math``; TRL a reward function calling our
 ``rewards.math_reward``, so the same code scores both; ``--reward coin``: a 0/1 checksum of the answer's text, the
-same function for all, for policies that solve nothing, such as random weights on a GPU), and takes one AdamW step on the policy gradient of those
-P*K answers: fp32, no KL term and no reference model (ours ``--kl-coef 0``, TRL ``beta=0.0``), one update per batch
-of rollouts (ours ``--updates-per-rollout 1``; TRL ``num_iterations=1``, ``steps_per_generation=1``,
-``gradient_accumulation_steps=1``, ``per_device_train_batch_size`` = P*K, as TRL counts completions), the same lr,
-cosine schedule without warm-up, clipping and weight decay; TRL with activation checkpointing and bf16 off (both on
-by its defaults). The prompts of every step are the same for all runs: TRL gets the rows our length-grouped sampler plans,
-in its order, unshuffled (``shuffle_dataset=False``); each run records the rows of every step and the summary says
-whether they agree. Each run is its own subprocess (peak RSS on CPU, ``torch.cuda.max_memory_allocated`` on CUDA, read
-at the end of the last timed step); the first --warmup-steps steps are not timed.
+same function for all, for policies that solve nothing, such as random weights on a GPU), and takes one AdamW step
+on the policy gradient of those P*K answers: fp32, no KL term and no reference model (ours ``--kl-coef 0``, TRL
+``beta=0.0``), one update per batch of rollouts (ours ``--updates-per-rollout 1``; TRL ``num_iterations=1``,
+``steps_per_generation=1``, ``gradient_accumulation_steps=1``, ``per_device_train_batch_size`` = P*K, as TRL counts
+completions), the same lr, cosine schedule without warm-up, clipping and weight decay; TRL with activation
+checkpointing and bf16 off (both on by its defaults). The prompts of every step are the same for all runs: TRL gets
+the rows our length-grouped sampler plans, in its order, unshuffled (``shuffle_dataset=False``); each run records
+the rows of every step and the summary says whether they agree. Each run is its own subprocess (peak RSS on CPU,
+``torch.cuda.max_memory_allocated`` on CUDA, read at the end of the last timed step); the first --warmup-steps steps
+are not timed.
 
 Measured over the timed steps: steps/s; rollout tokens/s (answer tokens sampled, stop token included, per second of
 whole step: sampling, rewards, forward, backward, optimizer); decode tokens/s (the same tokens per second of
@@ -143,7 +144,8 @@ def rl_config(args: argparse.Namespace, storage: str):
         "--max-steps", str(total_steps(args)), "--max-length", str(args.max_length), "--lr", str(args.lr),
         "--warmup-steps", "0", "--precision", "32", "--num-generations", str(args.num_generations),
         "--max-new-tokens", str(args.max_new_tokens), "--temperature", str(TEMPERATURE), "--top-p", "1.0",
-        "--reward", "math" if args.reward == "math" else "python:bench.rl_throughput:coin", "--kl-coef", "0", "--updates-per-rollout", "1",
+        "--reward", "math" if args.reward == "math" else "python:bench.rl_throughput:coin",
+        "--kl-coef", "0", "--updates-per-rollout", "1",
         "--val-generate-samples", "0", "--num-sanity-val-steps", "0", "--no-verbose",
         "--storage-path", storage, "--name", "bench",
     ]
@@ -298,7 +300,8 @@ def measure_trl(args: argparse.Namespace, algorithm: str) -> dict[str, Any]:
             use_cpu=not cuda, dataloader_num_workers=0, report_to=[], save_strategy="no", eval_strategy="no",
             logging_strategy="no", disable_tqdm=True, log_completions=False, **specific,
         )
-        trainer = TimedTrainer(model=load_causal_lm(cfg.model_name), reward_funcs=[math_correctness if args.reward == "math" else coin], args=config,
+        reward = math_correctness if args.reward == "math" else coin
+        trainer = TimedTrainer(model=load_causal_lm(cfg.model_name), reward_funcs=[reward], args=config,
                                train_dataset=Dataset.from_list(rows), processing_class=tokenizer, callbacks=[Timer()])
         trainer.train()
     return {"run": f"TRL {trl.__version__} {base.__name__}", "stop_token_ids": sorted(trainer.eos_token_ids),
