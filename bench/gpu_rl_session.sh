@@ -9,12 +9,7 @@
 #   3. carry .gpu; results land in $OUT (gpu-rl-session.log, rl_throughput_gpu.json).
 set -uo pipefail
 OUT=${OUT:-runs/gpu-rl-session}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/wheels/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD
-log="$OUT/gpu-rl-session.log"
-step() { echo "=== $* ($(date +%T))" | tee -a "$log"; }
+source bench/gpu_prelude.sh gpu-rl-session.log  # wheels, offline env, log and step(), /tmp/smollm2-random
 
 step "0. machine and versions"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee -a "$log"
@@ -22,12 +17,6 @@ python3 -c "import torch, transformers, trl, pytorch_lightning, datasets, pyarro
 print('torch', torch.__version__, 'transformers', transformers.__version__, 'trl', trl.__version__,
       'pytorch_lightning', pytorch_lightning.__version__, 'datasets', datasets.__version__, 'pyarrow', pyarrow.__version__)" \
   2>&1 | tail -2 | tee -a "$log"
-# Random weights in SmolLM2-135M's architecture: no weights travel (64 MiB limit); speed does not depend on them.
-python3 -c "
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-import torch; torch.manual_seed(0)
-AutoModelForCausalLM.from_config(AutoConfig.from_pretrained('.gpu/model')).save_pretrained('/tmp/smollm2-random')
-AutoTokenizer.from_pretrained('.gpu/model').save_pretrained('/tmp/smollm2-random')" 2>&1 | tail -2 | tee -a "$log"
 
 step "1. online RL on the GPU: reward models there, kept rollouts back there after a resume"
 timeout 200 python3 -m pytest -q -m gpu tests/test_gpu.py -k "online_rl or resumed" -p no:cacheprovider 2>&1 \

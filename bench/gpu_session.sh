@@ -9,22 +9,7 @@
 #   3. carry .gpu; results land in $OUT (gpu-session.log, throughput JSON files).
 set -uo pipefail
 OUT=${OUT:-runs/gpu-session}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-if compgen -G ".gpu/wheels/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/wheels/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
-log="$OUT/gpu-session.log"
-step() { echo "=== $* ($(date +%T))" | tee -a "$log"; }
-# Random weights in SmolLM2-135M's architecture (weights do not change speed; the loss curves compare runs).
-python3 -c "
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-import torch; torch.manual_seed(0)
-AutoModelForCausalLM.from_config(AutoConfig.from_pretrained('.gpu/model')).save_pretrained('/tmp/smollm2-random')
-AutoTokenizer.from_pretrained('.gpu/model').save_pretrained('/tmp/smollm2-random')" 2>&1 | tail -2 | tee -a "$log"
+source bench/gpu_prelude.sh gpu-session.log  # wheels, offline env, log and step(), /tmp/smollm2-random
 run=(python3 train.py --model-name /tmp/smollm2-random --dataset-name synthetic-math --train-dataset-length 3200
      --batch-size 16 --lr 3e-4 --max-length 256 --val-generate-samples 8 --max-new-tokens 32 --storage-path /tmp/gpu-runs
      --no-verbose --log-every-n-steps 25 --seed 42)
