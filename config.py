@@ -88,7 +88,7 @@ class TrainConfig:
         choices=("error", "skip"),
     )
     # Optimisation.
-    seed: int = _f(42, "Random seed for data order, sampling and initialisation.")
+    seed: int = _f(42, "Random seed for data order, sampling and initialisation, and of the synthetic-math problem stream.")
     max_epochs: int = _f(1, "Number of passes over the training data.")
     max_steps: int = _f(-1, "Stop after this many optimizer steps (-1: run all epochs).")
     batch_size: int = _f(8, "Examples per micro-batch (per worker).")
