@@ -237,3 +237,19 @@ def test_problems_by_id_redraws_the_stream():
     assert problems_by_id(["synth-5-4", "synth-5-1"], (1, 2)) == {"synth-5-4": stream[4], "synth-5-1": stream[1]}
     with pytest.raises(ValueError, match="'gsm-3' is not a synthetic-math problem id"):
         problems_by_id(["gsm-3"], (1, 2))
+
+
+@pytest.mark.parametrize("config", ["configs/rloo-smollm2-math.yaml", "configs/rloo-genrm-smollm2-math.yaml"])
+def test_rloo_configs_train_on_problems_no_other_stage_or_the_held_out_set_has(config):
+    """docs/results.md: the RLOO configs' problems share no question with seed 42's first 1,300 (SFT, DPO, the
+    verifier's problems 0-999 and the 300 held-out ones), so RL neither rewards memorised answers nor sees the test."""
+    import pathlib
+
+    import yaml
+
+    cfg = yaml.safe_load((pathlib.Path(__file__).parent.parent / config).read_text())
+    levels = tuple(int(x) for x in str(cfg["synthetic-levels"]).split(","))
+    assert cfg["seed"] != 42
+    rl = {p.question for p in generate_problems(cfg["train-dataset-length"] + cfg["test-dataset-length"], cfg["seed"], levels)}
+    assert len(rl) == cfg["train-dataset-length"] + cfg["test-dataset-length"]
+    assert not rl & {p.question for p in generate_problems(1300, 42, levels)}
