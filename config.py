@@ -175,6 +175,10 @@ class TrainConfig:
         "usable, else hf).", choices=("auto", "hf", "vllm"))
     vllm_gpu_memory_utilization: float = _f(
         0.3, "Online RL with --rollout-engine vllm: the share of GPU memory vLLM reserves (the rest trains).")
+    cuda_graphs: bool = _f(
+        True, "Online RL with the hf engine on a GPU: decode rollouts over a static KV cache, each token's forward pass "
+        "replayed as one CUDA graph (--no-cuda-graphs: the dynamic cache, finished rows leaving the batch). No effect "
+        "on the CPU or under FSDP.")
     truncated_answers: str = _f(
         "reward", "Online RL: answers that hit --max-new-tokens are rewarded like the others, or masked out of the "
         "loss (counted either way).", choices=("reward", "mask"))
@@ -276,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--print-config", action="store_true", help="Print the resolved config as YAML and exit.")
     for name, f in FIELDS.items():
         kind = FIELD_TYPES[name]
-        kwargs: dict[str, Any] = {"help": f"{f.metadata['help']} (default: {default_value(name)})", "dest": name}
+        text = f"{f.metadata['help']} (default: {default_value(name)})"
+        kwargs: dict[str, Any] = {"help": text.replace("%", "%%"), "dest": name}  # argparse %-formats help
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
         if kind is bool:

@@ -8,10 +8,20 @@
    by token, sampling with temperature and top-p from a seeded generator. The prompt is never run again, whatever n.
 3. After every token a ``choose`` function decides, row by row, the next token to feed or that the row is done.
    Finished rows leave the batch (their cache rows are dropped), so short answers do not wait for long ones.
+
+With ``static_cache=True`` and a token budget (``sample``), step 2 decodes over a fixed-size KV cache instead
+(``transformers.StaticCache``, every row kept until all are done, the attention mask a fixed 4-D tensor updated in
+place), so every decoding step has the same shapes and addresses. On a CUDA device that step is then captured once
+as a CUDA graph and replayed for every later token: one launch a token instead of one per kernel, which is what a
+small model's decoding on a GPU is bound by (docs/benchmarks.md). On the CPU the same static path runs without a
+graph (it is what the tests compare with the dynamic path). A capture that fails falls back to running the static
+step eagerly, with a warning.
 """
 
 from __future__ import annotations
 
+import inspect
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -22,6 +32,12 @@ import stopping
 # (rows still decoding, the token sampled for each, the step's logits (R, V)) -> per row the token to feed next,
 # or None when the row is finished.
 Choose = Callable[[list[int], list[int], torch.Tensor], list[int | None]]
+
+
+def cache_kwarg(model) -> str:
+    """The name a model's forward takes its KV cache by: ``cache`` from transformers 5.24 on (``past_key_values``
+    is deprecated there), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
 
 def cache_rows(cache, rows: torch.Tensor):
@@ -76,17 +92,26 @@ class PrefixSampler:
         sync: for a model sharded across ranks (FSDP), whose every forward pass is a collective: called once per
             decoding step with "this rank still has rows", it returns whether any rank has; a rank whose rows are
             done keeps running a one-token forward pass until then, so the ranks stay in step. None: no other ranks.
+        static_cache: decode ``sample``'s rows over a static KV cache, as a CUDA graph on a CUDA device (module
+            docstring). Ignored with ``sync`` (a sharded model's forward pass cannot be captured).
     """
+
+    #: dynamic decoding steps run before the static step is captured (CUDA only): the capture needs every lazy
+    #: initialisation (cuBLAS workspaces, the cache's tensors) done first.
+    warmup_steps = 2
 
     def __init__(self, model, prompts: list[list[int]], pad_id: int, temperature: float = 1.0, top_p: float = 1.0,
                  share_prefix: bool = True, generator: torch.Generator | None = None, seed: int = 0, progress=None,
-                 sync: Callable[[bool], bool] | None = None):
+                 sync: Callable[[bool], bool] | None = None, static_cache: bool = False):
         if not prompts or any(len(p) < 2 for p in prompts):
             raise ValueError("every prompt needs at least 2 tokens")
         from models import left_pad
 
         self.model, self.temperature, self.top_p, self.share_prefix = model, temperature, top_p, share_prefix
         self.progress, self.sync = progress, sync
+        self.static_cache = static_cache and sync is None
+        self.graphed = False  # whether the last static decode ran as a CUDA graph
+        self.cache_kw = cache_kwarg(model)
         self.device = next(model.parameters()).device
         self.generator = generator if generator is not None else torch.Generator(self.device).manual_seed(seed)
         ids, mask = left_pad(prompts, pad_id)  # (P, W)
@@ -102,7 +127,7 @@ class PrefixSampler:
         cache = DynamicCache()
         mask = self.mask[rows, :-1]
         self.model(input_ids=self.ids[rows, :-1], attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                   past_key_values=cache, use_cache=True)
+                   use_cache=True, **{self.cache_kw: cache})
         self.prompt_tokens_run += int(mask.sum())
         return cache
 
@@ -132,7 +157,7 @@ class PrefixSampler:
                     self.model(input_ids=self.ids[:1, -1:])  # this rank is done; the others' forward passes need it
                     continue
                 logits = self.model(input_ids=current[:, None], attention_mask=attention, position_ids=position[:, None],
-                                    past_key_values=cache, use_cache=True).logits[:, -1]  # (R, V)
+                                    use_cache=True, **{self.cache_kw: cache}).logits[:, -1]  # (R, V)
                 sampled = sample_tokens(logits, self.temperature, self.top_p, self.generator).tolist()
                 if self.progress is not None:
                     self.progress.update(len(alive))
@@ -151,6 +176,91 @@ class PrefixSampler:
                 position = position + 1
         finally:
             self.model.train(was_training)
+
+    @torch.no_grad()
+    def decode_static(self, cache, rows: torch.Tensor, choose: Choose, max_new_tokens: int) -> None:
+        """``decode`` over a static KV cache of the prompt width plus ``max_new_tokens`` (``choose`` must end every row
+        by then), replayed as a CUDA graph on a CUDA device (module docstring). Rows stay in the batch until all are
+        done; ``choose`` sees only the live ones, as in ``decode``, so both draw the same random numbers."""
+        from transformers import StaticCache
+
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            width, dtype = self.ids.shape[1], next(self.model.parameters()).dtype
+            size = rows.shape[0]
+            static = StaticCache(config=self.model.config, max_cache_len=width + max_new_tokens)
+            for layer_index, layer in enumerate(cache.layers):  # the prompts' prefix: positions 0 .. width - 2
+                static.update(layer.keys, layer.values, layer_index)
+            del cache
+            blocked = torch.finfo(dtype).min
+            mask = torch.full((size, 1, 1, width + max_new_tokens), blocked, dtype=dtype, device=self.device)
+            mask[:, 0, 0, :width - 1].masked_fill_(self.mask[rows, :-1].bool(), 0.0)  # padding stays blocked
+            current = self.ids[rows, -1:].clone()  # (R, 1) the next token to feed: first the prompt's last one
+            position = self.mask[rows].sum(-1, keepdim=True) - 1  # (R, 1)
+            inputs = {"input_ids": current, "attention_mask": mask, "position_ids": position, "use_cache": True,
+                      self.cache_kw: static}
+
+            def step() -> torch.Tensor:
+                return self.model(**inputs).logits[:, -1]  # (R, V)
+
+            cuda = self.device.type == "cuda"
+            graph, out = None, None
+            side = torch.cuda.Stream(self.device) if cuda else None
+            alive = list(range(size))  # sample of each live row; batch row b holds sample b
+            self.graphed = False
+            for t in range(max_new_tokens + 1):
+                stopping.check()
+                if t == max_new_tokens:
+                    raise RuntimeError(f"choose kept rows past max_new_tokens={max_new_tokens}")
+                mask[:, :, :, width - 1 + t] = 0.0  # this step's token is written at cache position width - 1 + t
+                if graph is not None:
+                    graph.replay()
+                    logits = out
+                elif cuda and t == self.warmup_steps:
+                    graph, out = self._capture(step, side)
+                    if graph is None:
+                        cuda = False  # the capture failed: the static step runs eagerly from here on
+                        logits = step()
+                    else:
+                        graph.replay()
+                        logits = out
+                elif cuda:  # the warm-up steps run on a side stream, as a capture needs (torch.cuda.graphs)
+                    side.wait_stream(torch.cuda.current_stream(self.device))
+                    with torch.cuda.stream(side):
+                        logits = step()
+                    torch.cuda.current_stream(self.device).wait_stream(side)
+                else:
+                    logits = step()
+                live = logits if len(alive) == size else logits[torch.tensor(alive, device=self.device)]
+                sampled = sample_tokens(live, self.temperature, self.top_p, self.generator).tolist()
+                if self.progress is not None:
+                    self.progress.update(len(alive))
+                chosen = choose(alive, sampled, live)
+                keep = [(b, token) for b, token in zip(alive, chosen) if token is not None]
+                if not keep:
+                    break
+                index = torch.tensor([b for b, _ in keep], device=self.device)
+                current[index, 0] = torch.tensor([token for _, token in keep], device=self.device)
+                position += 1
+                alive = [b for b, _ in keep]
+        finally:
+            self.model.train(was_training)
+
+    def _capture(self, step: Callable[[], torch.Tensor], side):
+        """``step`` captured as a CUDA graph on stream ``side``, and its output tensor; (None, None), with a warning,
+        when the capture fails (an operation that syncs with the host, for instance)."""
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=side):
+                out = step()
+        except Exception as error:  # noqa: BLE001 - any failure to capture falls back to eager steps
+            warnings.warn(f"decoding runs without a CUDA graph: capturing the decoding step failed ({error})",
+                          RuntimeWarning, stacklevel=3)
+            torch.cuda.synchronize(self.device)
+            return None, None
+        self.graphed = True
+        return graph, out
 
     def sample(self, indices: list[int], n: int, stop_ids: set[int], max_new_tokens: int) -> list[list[Continuation]]:
         """``n`` answers to each prompt in ``indices``, each ending at a stop token (kept) or after
@@ -176,5 +286,8 @@ class PrefixSampler:
                 chosen.append(None if answer.finish else token)
             return chosen
 
-        self.decode(cache, rows, choose)
+        if self.static_cache:
+            self.decode_static(cache, rows, choose, max_new_tokens)
+        else:
+            self.decode(cache, rows, choose)
         return [out[i * n:(i + 1) * n] for i in range(len(indices))]

@@ -24,8 +24,10 @@ TRL: ``_generate_single_turn``, i.e. padding, ``model.generate`` and the cut aft
 
 What differs (each is how the framework works, not a setting left unequal):
   - Sampling engine. Ours runs each prompt once and copies its KV cache to its K rows, and finished rows leave the
-    batch. TRL calls ``generate`` on P*K rows (each prompt K times, so K prefills) and rows that finished keep
-    decoding padding until the longest answer of the batch ends.
+    batch; on a GPU (--cuda-graphs on, train.py's default) it decodes over a static KV cache instead, every row kept
+    until all are done, each token's forward pass replayed as one CUDA graph. TRL calls ``generate`` on P*K rows
+    (each prompt K times, so K prefills) and rows that finished keep decoding padding until the longest answer of the
+    batch ends.
   - Answers with no gradient. Without a KL term ours skips the forward and backward pass of answers whose advantage is
     0 (all K rewards of their prompt equal; exact, their gradient is 0); TRL trains every answer. "answers in
     backward" shows the difference (ours keeps one row when no answer has a gradient); it depends on the policy's
@@ -145,7 +147,7 @@ def rl_config(args: argparse.Namespace, storage: str):
         "--warmup-steps", "0", "--precision", "32", "--num-generations", str(args.num_generations),
         "--max-new-tokens", str(args.max_new_tokens), "--temperature", str(TEMPERATURE), "--top-p", "1.0",
         "--reward", "math" if args.reward == "math" else "python:bench.rl_throughput:coin",
-        "--kl-coef", "0", "--updates-per-rollout", "1",
+        "--kl-coef", "0", "--updates-per-rollout", "1", "--cuda-graphs" if args.cuda_graphs == "on" else "--no-cuda-graphs",
         "--val-generate-samples", "0", "--num-sanity-val-steps", "0", "--no-verbose",
         "--storage-path", storage, "--name", "bench",
     ]
@@ -176,9 +178,12 @@ def measure_ours(args: argparse.Namespace) -> dict[str, Any]:
             prefill(self, model, prompts, *rest, **kwargs)
         self.bench_prompts = prompts
 
+    graphed = []  # per rollout: whether its decoding ran as a CUDA graph
+
     def timed_decode(self, indices, n, *rest, **kwargs):
         with clock.part("generate"):
             groups = decode(self, indices, n, *rest, **kwargs)
+        graphed.append(self.graphed)
         clock.sampled([self.bench_prompts[i] for i in indices], [len(a.tokens) for group in groups for a in group])
         return groups
 
@@ -205,8 +210,10 @@ def measure_ours(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="rl-bench-ours-") as storage:  # rollouts, checkpoint, final model
         cfg = rl_config(args, storage)
         train.run(cfg, callbacks=[Timer()])
-    return {"run": "ours (rloo, Lightning)", "stop_token_ids": sorted(stop_token_ids(load_tokenizer(cfg.model_name))),
-            **clock.result()}
+    name = "ours (rloo, Lightning)" if args.device != "cuda" else \
+        f"ours (rloo, Lightning, {'CUDA graphs' if all(graphed) else 'no CUDA graphs' if not any(graphed) else 'CUDA graphs in part'})"
+    return {"run": name, "stop_token_ids": sorted(stop_token_ids(load_tokenizer(cfg.model_name))),
+            "cuda_graph_rollouts": f"{sum(graphed)}/{len(graphed)}", **clock.result()}
 
 
 def planned_rows(cfg, train_set) -> list[int]:
@@ -383,6 +390,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="math: math-verify against the reference; coin: 0/1 from a checksum of the answer (see coin).")
     parser.add_argument("--trl", default=",".join(TRL_TRAINERS), help="TRL trainers to run, comma separated: rloo, grpo.")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="Default: cuda when available.")
+    parser.add_argument("--cuda-graphs", choices=("on", "off"), default="on",
+                        help="Ours on a GPU: decode rollouts as CUDA graphs or not (train.py's --[no-]cuda-graphs).")
     parser.add_argument("--out", default=None, help="Write the results as JSON to this file.")
     parser.add_argument("--only", choices=("ours", *(f"trl-{t}" for t in TRL_TRAINERS)), default=None,
                         help=argparse.SUPPRESS)  # the subprocesses

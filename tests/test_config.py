@@ -52,6 +52,16 @@ def test_every_flag_parses_into_its_field():
     assert args == expected
 
 
+def test_help_prints_every_flag_with_its_help_text(capsys):
+    """argparse %-formats help strings: a literal "%" in one (--compile-head's "10-14%") crashed --help."""
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "10-14% more tokens/s" in text
+    assert all(config.flag_name(name) in text for name in config.FIELDS)
+
+
 def test_negated_booleans_parse():
     args = vars(build_parser().parse_args(["--no-use-ray", "--verbose", "--no-sanity-train", "--no-dataset-random-sample",
                                            "--no-calculate-win-rate"]))

@@ -1,6 +1,7 @@
 """GPU-only checks: FP8 training tracks bf16 (skipped without a CUDA GPU of compute capability 8.9+ (Ada, Hopper) or
 without an FP8 backend, Transformer Engine or torchao), and online RL runs on the GPU (skipped without CUDA): its
-reward models sit there, and a resumed run brings its kept rollouts back to it. Run with ``pytest -m gpu``."""
+reward models sit there, a resumed run brings its kept rollouts back to it, and its CUDA-graph decoding gives the
+dynamic path's answers. Run with ``pytest -m gpu``."""
 
 from __future__ import annotations
 
@@ -142,3 +143,24 @@ def test_a_resumed_gpu_run_reuses_its_kept_rollout_on_the_gpu(tiny_model_dir, tm
     torch.testing.assert_close(torch.tensor(first.losses[:1] + second.losses), torch.tensor(whole.losses),
                                rtol=1e-4, atol=1e-6)
     same_rollout_files(tmp_path, (0, 2))
+
+
+@needs_cuda
+def test_cuda_graph_decoding_gives_the_dynamic_paths_answers(tiny_model_dir, char_tokenizer):
+    """On the GPU the static-cache decoding step is captured as a CUDA graph and replayed; greedy and sampled answers
+    (rows ending at different tokens) are the dynamic path's, and the graph did run."""
+    from models import load_causal_lm
+    from sampling import PrefixSampler
+
+    model = load_causal_lm(str(tiny_model_dir)).cuda()
+    prompts = [char_tokenizer(text)["input_ids"] for text in ("ab", "hello", "xyz")]
+    stop = {char_tokenizer.convert_tokens_to_ids(ch) for ch in "aeiou"}
+    for temperature in (0.0, 1.0):
+        answers = {}
+        for static in (False, True):
+            sampler = PrefixSampler(model, prompts, char_tokenizer.pad_token_id, temperature=temperature, seed=3,
+                                    static_cache=static)
+            groups = sampler.sample([2, 0, 1], 4, stop_ids=stop, max_new_tokens=12)
+            answers[static] = [[(a.tokens, a.finish) for a in g] for g in groups]
+            assert sampler.graphed == static
+        assert answers[True] == answers[False]

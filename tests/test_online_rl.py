@@ -175,6 +175,34 @@ def test_answers_stop_at_a_stop_token_or_the_budget_and_share_one_prefill(tiny_m
     assert all(x.finish == "length" and len(x.tokens) == 6 for g in a for x in g)
 
 
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_static_cache_decoding_gives_the_dynamic_paths_answers(tiny_model_dir, char_tokenizer, share_prefix):
+    """The static-cache path (the one a GPU replays as a CUDA graph) keeps finished rows in the batch; the answers,
+    their ends and entropies, and the random stream after them, must be the dynamic path's, which drops them."""
+    from models import load_causal_lm
+    from sampling import PrefixSampler
+
+    model = load_causal_lm(str(tiny_model_dir))
+    prompts = [char_tokenizer(text)["input_ids"] for text in ("ab", "hello", "xyz")]  # left padding differs per row
+    stop = {char_tokenizer.convert_tokens_to_ids(ch) for ch in "aeiou"}
+    for temperature in (1.0, 0.0):
+        runs = []
+        for static in (False, True):
+            sampler = PrefixSampler(model, prompts, char_tokenizer.pad_token_id, temperature=temperature, seed=3,
+                                    share_prefix=share_prefix, static_cache=static)
+            groups = sampler.sample([2, 0, 1], 4, stop_ids=stop, max_new_tokens=9)
+            runs.append(([[(a.tokens, a.finish) for a in g] for g in groups],
+                         [a.entropy for g in groups for a in g], sampler.generator.get_state()))
+            assert not sampler.graphed  # no CUDA graph on the CPU
+        (dynamic, h_dynamic, state_dynamic), (static, h_static, state_static) = runs
+        assert static == dynamic
+        assert h_static == pytest.approx(h_dynamic, rel=1e-4, abs=1e-5)
+        assert torch.equal(state_static, state_dynamic)
+        if temperature > 0:  # rows ended at different times, so the static path kept finished rows
+            assert {finish for g in dynamic for _, finish in g} == {"stop", "length"}
+            assert len({len(tokens) for g in dynamic for tokens, _ in g}) > 2
+
+
 def test_answer_batch_labels_exactly_the_answer_tokens():
     """Prompts [5, 6] and [7]; K = 2 answers each: [1, 2], [3], [4], [8, 9, 10]."""
     ids, attention, labels = answer_batch([[5, 6], [7]], [[1, 2], [3], [4], [8, 9, 10]], 2, pad_id=0)
