@@ -119,14 +119,20 @@ class BatchPlan:
     window_units: int | tuple[int, ...]
 
 
-class SFTCollator:
-    """Right-pads a micro-batch: ``input_ids``, ``attention_mask``, ``labels`` (-100 on padding)."""
+def padded_width(width: int, multiple: int) -> int:
+    """``width`` rounded up to a multiple of ``multiple``."""
+    return -(-width // multiple) * multiple
 
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
+
+class SFTCollator:
+    """Right-pads a micro-batch: ``input_ids``, ``attention_mask``, ``labels`` (-100 on padding), to the longest row's
+    width rounded up to a multiple of ``multiple`` (``precision.sequence_multiple``: 8 under FP8, else 1)."""
+
+    def __init__(self, pad_token_id: int, multiple: int = 1):
+        self.pad_token_id, self.multiple = pad_token_id, multiple
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        width = max(len(f["input_ids"]) for f in features)
+        width = padded_width(max(len(f["input_ids"]) for f in features), self.multiple)
         input_ids = torch.full((len(features), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((len(features), width), dtype=torch.long)

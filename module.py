@@ -21,6 +21,7 @@ from custom_dataset import CustomDataset
 from metrics import answers_match, edit_distance, has_final_answer
 from models import generate_from_prompts, token_bar
 from objectives import Objective, get_objective, reference_logps
+from precision import sequence_multiple
 from secrets_guard import redact_data
 
 # The module restores the data position itself (see on_load_checkpoint), so Lightning's advice does not apply.
@@ -60,7 +61,7 @@ class PostTrainingModule(pl.LightningModule):
         self.loss_fn, self.total = self.objective.bound_loss(cfg, **state), self.objective.bound_total(cfg)
         self._val_sums = self._val_units = None  # loss sums and units of the validation pass (per part)
         self._judges: dict = {}  # --calculate-win-rate's judge, loaded once (a plain dict: not a submodule)
-        self.collator = self.objective.collator(tokenizer.pad_token_id)
+        self.collator = self.objective.collator(tokenizer.pad_token_id, sequence_multiple(cfg.precision))
         self.model.train()  # from_pretrained returns eval mode; Lightning expects the training mode at fit start
         self.ref_model = ref_model  # frozen; left out of checkpoints (rebuilt from the config on resume)
         if ref_model is not None:

@@ -31,11 +31,12 @@ from dataclasses import dataclass
 
 import torch
 
-from collate_functions import INVALID_PROMPT, generation_prompt_ids
+from collate_functions import INVALID_PROMPT, generation_prompt_ids, padded_width
 from losses.logprobs import IGNORE_INDEX, token_logprobs
 from losses.rl import advantages, kl_estimate, policy_gradient_loss, zero_gradient_share
 from models import load_causal_lm, stop_token_ids
 from objectives import LossOutput, Objective, validate_answers
+from precision import sequence_multiple
 from sampling import Continuation
 
 # ---- data: prompts, left-padded ---------------------------------------------------------------------------
@@ -53,8 +54,8 @@ def tokenize_prompt(tokenizer, row: dict, max_length: int, overlong: str) -> tup
 class PromptCollator:
     """Left-pads a micro-batch of prompts (``input_ids``, ``attention_mask``) and keeps what the rewards read."""
 
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
+    def __init__(self, pad_token_id: int, multiple: int = 1):
+        self.pad_token_id = pad_token_id  # prompts are never a training forward pass: ``multiple`` is not needed
 
     def __call__(self, features: list[dict]) -> dict:
         from models import left_pad
@@ -239,7 +240,8 @@ class Rollouts:
         rows = RolloutBatch([batch["prompts"][p] for p in every], texts, [batch["references"][p] for p in every],
                             {c: [batch["columns"][p].get(c) for p in every] for c in (batch["columns"][0] or {})})
         combined, per_source = self.rewards(rows)
-        input_ids, attention, labels = answer_batch(prompts, [a.tokens for a in answers], k, self.tokenizer.pad_token_id)
+        input_ids, attention, labels = answer_batch(prompts, [a.tokens for a in answers], k, self.tokenizer.pad_token_id,
+                                                    sequence_multiple(cfg.precision))
         lengths = torch.tensor([len(a.tokens) for a in answers])
         entropy = torch.tensor([a.entropy for a in answers], dtype=torch.float32) / lengths.clamp(min=1)
         rollout = Rollout(input_ids.to(device), attention.to(device), labels.to(device),
@@ -272,12 +274,13 @@ class Rollouts:
             for i, (p, text) in enumerate(zip(every, rollout.texts))])
 
 
-def answer_batch(prompts: list[list[int]], answers: list[list[int]], k: int, pad_id: int
+def answer_batch(prompts: list[list[int]], answers: list[list[int]], k: int, pad_id: int, multiple: int = 1
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Prompt + answer of every answer (answer i answers prompt i // k) as one right-padded batch: ids, attention
-    mask and labels (the answer's tokens; -100 on the prompt and padding)."""
+    mask and labels (the answer's tokens; -100 on the prompt and padding), its width a multiple of ``multiple``
+    (``precision.sequence_multiple``)."""
     sequences = [prompts[i // k] + answer for i, answer in enumerate(answers)]
-    width = max(len(s) for s in sequences)
+    width = padded_width(max(len(s) for s in sequences), multiple)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     labels = torch.full_like(ids, IGNORE_INDEX)
     attention = torch.zeros_like(ids)

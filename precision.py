@@ -27,6 +27,16 @@ log = logging.getLogger(__name__)
 FP8_BACKENDS = ("te", "torchao")
 FP8_FORMATS = ("HYBRID", "E4M3")  # HYBRID: E4M3 forward, E5M2 gradients (Transformer Engine's recommendation)
 FP8_MULTIPLE = 16
+# Transformer Engine's FP8 GEMM also needs the input's leading dimensions (batch x sequence) to multiply to a multiple
+# of 8 (``transformer_engine.pytorch.utils.assert_dim_for_fp8_exec``): under it, batches pad their width to one.
+FP8_TOKEN_MULTIPLE = 8
+
+
+def sequence_multiple(precision: str) -> int:
+    """What a padded batch's width must be a multiple of under ``--precision precision``: 8 under Transformer
+    Engine's FP8 (then batch x width is too, whatever the batch size; the padding is masked out of every loss), else
+    1."""
+    return FP8_TOKEN_MULTIPLE if precision.startswith("transformer-engine") else 1
 
 
 @dataclass

@@ -131,3 +131,33 @@ def test_sampler_splits_a_short_last_batch_so_no_rank_is_idle():
         assert len(list(ranks[1])) == len(expected)
         seen = sorted(i for s in ranks for p in s for i in p.indices)
         assert seen == sorted(set(seen)) and len(seen) == (12 if rows == 13 else 15)
+
+
+def test_fp8_pads_every_batch_to_a_width_of_a_multiple_of_8_and_changes_no_log_prob(tiny_model_dir):
+    """Transformer Engine's FP8 GEMM needs batch x width to be a multiple of 8: under --precision transformer-engine
+    the collators and online RL's answer batches pad their width to one; the padding is masked, so every answer
+    token's log-prob is what it is unpadded."""
+    from collate_functions import SFTCollator
+    from losses.logprobs import token_logprobs
+    from models import load_causal_lm
+    from online_rl import answer_batch
+    from precision import sequence_multiple
+
+    assert sequence_multiple("transformer-engine") == sequence_multiple("transformer-engine-float16") == 8
+    assert sequence_multiple("bf16-true") == sequence_multiple("32") == 1
+    features = [{"input_ids": [5, 6, 7, 8, 9], "labels": [-100, -100, 7, 8, 9]},
+                {"input_ids": [5, 6, 10], "labels": [-100, 6, 10]}]
+    plain, padded = SFTCollator(0)(features), SFTCollator(0, multiple=8)(features)
+    assert plain["input_ids"].shape == (2, 5) and padded["input_ids"].shape == (2, 8)
+    assert padded["labels"][:, 5:].eq(-100).all() and padded["attention_mask"][:, 5:].eq(0).all()
+    for key in plain:
+        assert torch.equal(padded[key][:, :5], plain[key])
+    ids, attention, labels = answer_batch([[5, 6], [7]], [[1, 2], [3], [4], [8, 9, 10]], 2, pad_id=0, multiple=8)
+    assert ids.shape == (4, 8) and labels[:, 4:].eq(-100).all() and attention[:, 4:].eq(0).all()
+
+    model = load_causal_lm(str(tiny_model_dir)).eval()
+    with torch.no_grad():
+        a, mask_a = token_logprobs(model, plain["input_ids"], plain["attention_mask"], plain["labels"])
+        b, mask_b = token_logprobs(model, padded["input_ids"], padded["attention_mask"], padded["labels"])
+    assert torch.equal(mask_b[:, :4], mask_a) and not mask_b[:, 4:].any()
+    torch.testing.assert_close(b[:, :4], a)

@@ -164,3 +164,33 @@ def test_cuda_graph_decoding_gives_the_dynamic_paths_answers(tiny_model_dir, cha
             answers[static] = [[(a.tokens, a.finish) for a in g] for g in groups]
             assert sampler.graphed == static
         assert answers[True] == answers[False]
+
+
+class FP8Layers(pl.Callback):
+    """Counts, at the start of training, the policy's Transformer Engine layers."""
+
+    count = 0
+
+    def on_train_start(self, trainer, pl_module):
+        self.count = sum(type(m).__module__.startswith("transformer_engine") for m in pl_module.model.modules())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_FP8_GPU or importlib.util.find_spec("transformer_engine") is None,
+                    reason="needs a CUDA GPU with FP8 and Transformer Engine")
+def test_online_rl_learns_under_transformer_engine_fp8(tiny_model_dir, tmp_path):
+    """--precision transformer-engine --fp8-recipe current: the policy's linear layers run in FP8 in the training
+    passes (answer batches padded to a width of a multiple of 8), sampling runs them outside the FP8 context, and
+    the toy reward climbs as under bf16."""
+    from test_online_rl import logged, toy_args
+
+    import train
+    from config import resolve
+
+    layers = FP8Layers()
+    cfg = resolve(toy_args(tiny_model_dir, tmp_path, "fp8", "--max-steps", "30", "--max-epochs", "100", "--use-gpu",
+                           "--precision", "transformer-engine", "--fp8-recipe", "current"))[0]
+    run_dir = train.run(cfg, callbacks=[layers])["run_dir"]
+    reward = logged(Path(run_dir), "train/reward")
+    assert layers.count == 2 * 7  # 2 decoder layers of 7 linear layers each; the output head stays in bf16
+    assert len(reward) == 30 and sum(reward[-5:]) / 5 > 0.3, reward
