@@ -67,7 +67,7 @@ class Objective:
     name: str
     data_kind: str  # "sft", "preference" or "verifier": the row formats it reads
     tokenize: Callable[..., tuple[dict | None, str]]  # (tokenizer, row, max_length, overlong) -> (feature, status)
-    collator: type[SFTCollator]  # features -> padded batch
+    collator: type[SFTCollator]  # (pad_token_id, multiple: the width multiple FP8 needs) -> features -> padded batch
     load_model: Callable[..., torch.nn.Module]  # (model name, dtype=...) -> the model trained
     loss: Callable[..., LossOutput]  # (model, batch, ref, **loss_args)
     units: Callable[[dict], int | tuple[int, ...]]  # what the loss of one feature sums over (per part)
