@@ -8,6 +8,7 @@ take a second instead of twenty.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -246,6 +247,17 @@ class GenerationMonitor:
 
 
 @torch.no_grad()
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """``model`` in eval mode (no dropout) for the block, then back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 def generate_from_prompts(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, progress=None,
                           **generate_kwargs) -> list[str]:
     """Answers to prompt token ids (e.g. ``collate_functions.generation_prompt_ids``), in one left-padded batch,
@@ -257,15 +269,11 @@ def generate_from_prompts(model, tokenizer, prompts: list[list[int]], max_new_to
     ids, attention = left_pad(prompts, tokenizer.pad_token_id)  # (B, T): every answer starts at column T
     width = ids.shape[1]
     stop = stop_token_ids(tokenizer)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         generated = model.generate(
             input_ids=ids.to(model.device), attention_mask=attention.to(model.device), max_new_tokens=max_new_tokens,
             pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(stop),
             stopping_criteria=StoppingCriteriaList([GenerationMonitor(stop, progress)]), **generate_kwargs,
         )
-    finally:
-        model.train(was_training)
     stopping.check()  # the answers of a generation cut short are not answers
     return [text.strip() for text in tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)]

@@ -140,9 +140,9 @@ class PrefixSampler:
     def decode(self, cache, rows: torch.Tensor, choose: Choose) -> None:
         """Decode every row of ``rows`` (prompt indices, with their ``cache``) until ``choose`` ends it. Stops with
         ``stopping.Stopped`` on SIGTERM or SIGINT: the rows in flight are dropped, none is half-kept."""
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        from models import eval_mode
+
+        with eval_mode(self.model):
             alive = list(range(rows.shape[0]))  # sample of each batch row
             current = self.ids[rows, -1]  # (R,) the next token to feed: first the prompt's last one
             position = self.mask[rows].sum(-1) - 1  # (R,)
@@ -158,10 +158,7 @@ class PrefixSampler:
                     continue
                 logits = self.model(input_ids=current[:, None], attention_mask=attention, position_ids=position[:, None],
                                     use_cache=True, **{self.cache_kw: cache}).logits[:, -1]  # (R, V)
-                sampled = sample_tokens(logits, self.temperature, self.top_p, self.generator).tolist()
-                if self.progress is not None:
-                    self.progress.update(len(alive))
-                chosen = choose(alive, sampled, logits)
+                chosen = self._draw(alive, logits, choose)
                 keep = [b for b, token in enumerate(chosen) if token is not None]
                 if not keep:
                     alive = []
@@ -174,8 +171,14 @@ class PrefixSampler:
                 current = torch.tensor([chosen[b] for b in keep], device=self.device)
                 attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
                 position = position + 1
-        finally:
-            self.model.train(was_training)
+
+    def _draw(self, alive: list[int], logits: torch.Tensor, choose: Choose) -> list[int | None]:
+        """One decoding step's choice for the live rows ``alive`` (their ``logits``, (R, V)): a token sampled per row,
+        counted into the progress bar, then ``choose``'s verdict."""
+        sampled = sample_tokens(logits, self.temperature, self.top_p, self.generator).tolist()
+        if self.progress is not None:
+            self.progress.update(len(alive))
+        return choose(alive, sampled, logits)
 
     @torch.no_grad()
     def decode_static(self, cache, rows: torch.Tensor, choose: Choose, max_new_tokens: int) -> None:
@@ -184,9 +187,9 @@ class PrefixSampler:
         done; ``choose`` sees only the live ones, as in ``decode``, so both draw the same random numbers."""
         from transformers import StaticCache
 
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        from models import eval_mode
+
+        with eval_mode(self.model):
             width, dtype = self.ids.shape[1], next(self.model.parameters()).dtype
             size = rows.shape[0]
             static = StaticCache(config=self.model.config, max_cache_len=width + max_new_tokens)
@@ -209,10 +212,8 @@ class PrefixSampler:
             side = torch.cuda.Stream(self.device) if cuda else None
             alive = list(range(size))  # sample of each live row; batch row b holds sample b
             self.graphed = False
-            for t in range(max_new_tokens + 1):
+            for t in range(max_new_tokens):
                 stopping.check()
-                if t == max_new_tokens:
-                    raise RuntimeError(f"choose kept rows past max_new_tokens={max_new_tokens}")
                 mask[:, :, :, width - 1 + t] = 0.0  # this step's token is written at cache position width - 1 + t
                 if graph is not None:
                     graph.replay()
@@ -233,10 +234,7 @@ class PrefixSampler:
                 else:
                     logits = step()
                 live = logits if len(alive) == size else logits[torch.tensor(alive, device=self.device)]
-                sampled = sample_tokens(live, self.temperature, self.top_p, self.generator).tolist()
-                if self.progress is not None:
-                    self.progress.update(len(alive))
-                chosen = choose(alive, sampled, live)
+                chosen = self._draw(alive, live, choose)
                 keep = [(b, token) for b, token in zip(alive, chosen) if token is not None]
                 if not keep:
                     break
@@ -244,8 +242,8 @@ class PrefixSampler:
                 current[index, 0] = torch.tensor([token for _, token in keep], device=self.device)
                 position += 1
                 alive = [b for b, _ in keep]
-        finally:
-            self.model.train(was_training)
+            else:
+                raise RuntimeError(f"choose kept rows past max_new_tokens={max_new_tokens}")
 
     def _capture(self, step: Callable[[], torch.Tensor], side):
         """``step`` captured as a CUDA graph on stream ``side``, and its output tensor; (None, None), with a warning,
