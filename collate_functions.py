@@ -119,11 +119,6 @@ class BatchPlan:
     window_units: int | tuple[int, ...]
 
 
-def padded_width(width: int, multiple: int) -> int:
-    """``width`` rounded up to a multiple of ``multiple``."""
-    return -(-width // multiple) * multiple
-
-
 class SFTCollator:
     """Right-pads a micro-batch: ``input_ids``, ``attention_mask``, ``labels`` (-100 on padding), to the longest row's
     width rounded up to a multiple of ``multiple`` (``precision.sequence_multiple``: 8 under FP8, else 1)."""
@@ -132,7 +127,7 @@ class SFTCollator:
         self.pad_token_id, self.multiple = pad_token_id, multiple
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        width = padded_width(max(len(f["input_ids"]) for f in features), self.multiple)
+        width = -(-max(len(f["input_ids"]) for f in features) // self.multiple) * self.multiple  # rounded up
         input_ids = torch.full((len(features), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((len(features), width), dtype=torch.long)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from collate_functions import INVALID_PROMPT, generation_prompt_ids, padded_width
+from collate_functions import INVALID_PROMPT, SFTCollator, generation_prompt_ids
 from losses.logprobs import IGNORE_INDEX, token_logprobs
 from losses.rl import advantages, kl_estimate, policy_gradient_loss, zero_gradient_share
 from models import load_causal_lm, stop_token_ids
@@ -279,17 +279,10 @@ def answer_batch(prompts: list[list[int]], answers: list[list[int]], k: int, pad
     """Prompt + answer of every answer (answer i answers prompt i // k) as one right-padded batch: ids, attention
     mask and labels (the answer's tokens; -100 on the prompt and padding), its width a multiple of ``multiple``
     (``precision.sequence_multiple``)."""
-    sequences = [prompts[i // k] + answer for i, answer in enumerate(answers)]
-    width = padded_width(max(len(s) for s in sequences), multiple)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    labels = torch.full_like(ids, IGNORE_INDEX)
-    attention = torch.zeros_like(ids)
-    for i, sequence in enumerate(sequences):
-        start = len(prompts[i // k])
-        ids[i, :len(sequence)] = torch.tensor(sequence)
-        attention[i, :len(sequence)] = 1
-        labels[i, start:len(sequence)] = torch.tensor(answers[i], dtype=torch.long)
-    return ids, attention, labels
+    batch = SFTCollator(pad_id, multiple)([
+        {"input_ids": prompts[i // k] + answer, "labels": [IGNORE_INDEX] * len(prompts[i // k]) + answer}
+        for i, answer in enumerate(answers)])
+    return batch["input_ids"], batch["attention_mask"], batch["labels"]
 
 
 # ---- the loss ---------------------------------------------------------------------------------------------
