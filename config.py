@@ -176,9 +176,10 @@ class TrainConfig:
     vllm_gpu_memory_utilization: float = _f(
         0.3, "Online RL with --rollout-engine vllm: the share of GPU memory vLLM reserves (the rest trains).")
     cuda_graphs: bool = _f(
-        True, "Online RL with the hf engine on a GPU: decode rollouts over a static KV cache, each token's forward pass "
-        "replayed as one CUDA graph (--no-cuda-graphs: the dynamic cache, finished rows leaving the batch). No effect "
-        "on the CPU or under FSDP.")
+        True, "On a GPU: decode online RL's rollouts (hf engine) and the GenRM-CoT verifier's rationales (its validation, "
+        "--reward genrm) over a static KV cache, each token's forward pass replayed as one CUDA graph (--no-cuda-graphs: "
+        "the dynamic cache, finished rows leaving the batch). The same tokens either way. No effect on the CPU; "
+        "a model trained under FSDP with several ranks keeps the dynamic cache.")
     truncated_answers: str = _f(
         "reward", "Online RL: answers that hit --max-new-tokens are rewarded like the others, or masked out of the "
         "loss (counted either way).", choices=("reward", "mask"))

@@ -247,6 +247,11 @@ class PostTrainingModule(pl.LightningModule):
         strategy = self.trainer.strategy
         return lambda more: bool(strategy.reduce_boolean_decision(more, all=False))
 
+    def graph_decoding(self) -> bool:
+        """Whether the shared-prefix samplers decode as CUDA graphs (--cuda-graphs): on a CUDA device, where each rank's
+        forward passes are its own (not under FSDP with several ranks, see ``sampling_sync``)."""
+        return self.cfg.cuda_graphs and self.device.type == "cuda" and self.sampling_sync() is None
+
     def generate(self, conversations: list[list[dict]]) -> list[str]:
         """Greedy answers to the last user turn of each conversation (its final assistant turn is the reference)."""
         size = max(self.cfg.batch_size, 16)

@@ -232,7 +232,7 @@ class Rollouts:
             with self.module.full_weights():
                 sampler = PrefixSampler(model, prompts, self.tokenizer.pad_token_id, cfg.temperature, cfg.top_p,
                                         generator=generator, sync=self.module.sampling_sync(),
-                                        static_cache=cfg.cuda_graphs and device.type == "cuda")
+                                        static_cache=self.module.graph_decoding())
                 groups = sampler.sample(list(range(len(prompts))), k, self.stop_ids, cfg.max_new_tokens)
         answers = [a for group in groups for a in group]
         texts = [self.tokenizer.decode(a.tokens, skip_special_tokens=True).strip() for a in answers]

@@ -80,6 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Sampling temperature of rationales.")
     parser.add_argument("--verifier-max-new-tokens", type=int, default=192, help="Token budget of a rationale.")
     parser.add_argument("--prompts-per-batch", type=int, default=8, help="Candidates verified together.")
+    parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                        help="On a GPU: decode the rationales over a static KV cache, each token's forward pass replayed "
+                             "as one CUDA graph (the same rationales and scores; no effect on the CPU).")
     parser.add_argument("--seed", type=int, default=42,
                         help="Seeds the problems (synthetic-math; 42 is the SFT/DPO runs' seed, whose held-out problems "
                              "these are), the --candidates sample and all sampling.")
@@ -252,6 +255,7 @@ def score_candidates(args: argparse.Namespace, problems: list[dict], path: Path)
             for i, c in enumerate(p["candidates"]) if (p["question_id"], i) not in scored]
     if todo:
         model = load_causal_lm(args.verifier).to(device()).eval()
+        static_cache = args.cuda_graphs and device() == "cuda"
         tokenizer = load_tokenizer(args.verifier)
         k_min = args.k_max if args.compare_fixed_k else args.k_min
         stopping.keep(f"the verifier scores written to {path} (rerun the same command to resume)")
@@ -262,7 +266,7 @@ def score_candidates(args: argparse.Namespace, problems: list[dict], path: Path)
                                          k_min=k_min, k_max=args.k_max, tau=args.tau,
                                          temperature=args.verifier_temperature, max_new_tokens=args.verifier_max_new_tokens,
                                          prompts_per_batch=args.prompts_per_batch, seed=args.seed + len(scored) + start,
-                                         progress=bar)
+                                         progress=bar, static_cache=static_cache)
                 rows = [{"question_id": qid, "index": index, "p_yes": score.p_yes, "p_normalized": score.p_normalized,
                          "rationale": score.rationales[0]} for (qid, index, _, _), score in zip(batch, scores)]
                 scored.update({(row["question_id"], row["index"]): row for row in rows})

@@ -57,7 +57,8 @@ def validate_verdicts(module) -> list[dict]:
         module.model, module.tokenizer, [generation_prompt_ids(module.tokenizer, r["messages"]) for r in rows],
         k_min=cfg.verifier_k_min, k_max=cfg.verifier_k_max, tau=cfg.verifier_tau,
         temperature=cfg.verifier_temperature, max_new_tokens=cfg.max_new_tokens,
-        prompts_per_batch=max(1, cfg.batch_size * 4 // cfg.verifier_k_min), seed=cfg.seed, progress=cfg.verbose)
+        prompts_per_batch=max(1, cfg.batch_size * 4 // cfg.verifier_k_min), seed=cfg.seed, progress=cfg.verbose,
+        static_cache=module.graph_decoding())
     labels = [r["label"] == "Yes" for r in rows]
     values = [s.score for s in scores]
     module.log_metric("val/verifier_accuracy", sum((v >= 0.5) == y for v, y in zip(values, labels)) / len(rows),
@@ -98,7 +99,9 @@ class GenRMReward:
         from rewards import rollout_seed
 
         cfg = self.cfg
+        on_gpu = next(self.model.parameters()).device.type == "cuda"
         scores = score_solutions(self.model, self.tokenizer, batch.questions, batch.completions, k_min=cfg.verifier_k_min,
                                  k_max=cfg.verifier_k_max, tau=cfg.verifier_tau, temperature=cfg.verifier_temperature,
-                                 max_new_tokens=cfg.verifier_max_new_tokens, seed=rollout_seed(batch), progress=False)
+                                 max_new_tokens=cfg.verifier_max_new_tokens, seed=rollout_seed(batch), progress=False,
+                                 static_cache=cfg.cuda_graphs and on_gpu)
         return [s.score for s in scores]

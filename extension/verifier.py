@@ -14,6 +14,10 @@ RL's rollouts use too):
    (Yes/No)?" (the trained verifier asks it itself), or at end-of-turn or --max-new-tokens, in which case the
    question is appended token by token. The next-token distribution after the question gives p("Yes").
 4. Finished rows leave the batch (their cache rows are dropped), so short rationales do not wait for long ones.
+
+With ``static_cache=True`` (``--cuda-graphs`` on a GPU) step 2 runs ``PrefixSampler.decode_static`` instead: every
+row stays in the batch until the last verdict, and on a CUDA device each token's forward pass is one CUDA graph
+replay. The rationales, verdicts and random stream are the dynamic path's.
 """
 
 from __future__ import annotations
@@ -194,10 +198,12 @@ class RationaleSampler(PrefixSampler):
             every sample, as ``generate(num_return_sequences=K)`` does (False, for the benchmark).
         seed: seeds the sampling (a ``torch.Generator`` on the model's device).
         progress: a ``models.token_bar`` the decoding counts its tokens into, step by step (None: no bar).
+        static_cache: decode over a static KV cache, each token's forward pass replayed as a CUDA graph on a CUDA
+            device (``sampling.PrefixSampler.decode_static``); the same rationales and verdicts as the dynamic cache.
     """
 
     def __init__(self, model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 256, temperature: float = VERIFIER_TEMPERATURE,
-                 share_prefix: bool = True, seed: int = 0, progress=None):
+                 share_prefix: bool = True, seed: int = 0, progress=None, static_cache: bool = False):
         if not prompts or any(len(p) < 2 for p in prompts):
             raise ValueError("every verification prompt needs at least 2 tokens")
         from models import stop_token_ids
@@ -206,7 +212,7 @@ class RationaleSampler(PrefixSampler):
         self.verdict = verdict_tokens(tokenizer)
         self.stop_ids = stop_token_ids(tokenizer)
         super().__init__(model, prompts, tokenizer.pad_token_id, temperature, share_prefix=share_prefix, seed=seed,
-                         progress=progress)
+                         progress=progress, static_cache=static_cache)
 
     def __call__(self, indices: list[int], n: int) -> list[list[tuple[float, float, str]]]:
         """``n`` rationales for each prompt in ``indices``: per prompt, (p_yes, p_normalized, rationale) triples."""
@@ -246,17 +252,20 @@ class RationaleSampler(PrefixSampler):
                 chosen.append(token)
             return chosen
 
-        self.decode(cache, rows, choose)
+        if self.static_cache:  # a row feeds at most the budget, then the question, then reads the verdict
+            self.decode_static(cache, rows, choose, self.max_new_tokens + len(verdict.question_ids) + 1)
+        else:
+            self.decode(cache, rows, choose)
         return results, generated
 
 
 def score_prompts(model, tokenizer, prompts: list[list[int]], k_min: int = VERIFIER_K_MIN, k_max: int = VERIFIER_K_MAX,
                   tau: float = VERIFIER_TAU, temperature: float = VERIFIER_TEMPERATURE, max_new_tokens: int = 256, prompts_per_batch: int = 8, seed: int = 0,
-                  share_prefix: bool = True, progress=False) -> list[VerifierScore]:
+                  share_prefix: bool = True, progress=False, static_cache: bool = False) -> list[VerifierScore]:
     """Verifier scores (r_MajV@K, adaptive K) of verification prompts (token ids), ``prompts_per_batch`` at a time:
     one ``RationaleSampler`` (one prefill) per batch, whose groups decode up to prompts_per_batch * K_min rows.
     ``progress``: show the rationale tokens as they are decoded (True), or count them into the caller's
-    ``models.token_bar``.
+    ``models.token_bar``. ``static_cache``: decode as CUDA graphs on a GPU (``RationaleSampler``).
 
     See ``compute_verifier_scores`` for K_min, K_max and tau, ``RationaleSampler`` for the rest.
     """
@@ -270,7 +279,7 @@ def score_prompts(model, tokenizer, prompts: list[list[int]], k_min: int = VERIF
         for start in range(0, len(prompts), prompts_per_batch):
             chunk = prompts[start:start + prompts_per_batch]
             sampler = RationaleSampler(model, tokenizer, chunk, max_new_tokens, temperature, share_prefix, seed=seed + start,
-                                       progress=bar)
+                                       progress=bar, static_cache=static_cache)
             scores += compute_verifier_scores(sampler, len(chunk), k_min, k_max, tau)
             if own:
                 bar.set_postfix_str(f"{len(scores)}/{len(prompts)} solutions")

@@ -166,6 +166,29 @@ def test_cuda_graph_decoding_gives_the_dynamic_paths_answers(tiny_model_dir, cha
         assert answers[True] == answers[False]
 
 
+@needs_cuda
+def test_cuda_graph_rationales_are_the_dynamic_paths(tiny_model_dir):
+    """The verifier's rationales decoded as a CUDA graph: the same rationales and verdicts, and the graph did run."""
+    from extension.verifier import RationaleSampler, verification_prompt_ids
+    from models import load_causal_lm, load_tokenizer
+
+    model, tokenizer = load_causal_lm(str(tiny_model_dir)).cuda(), load_tokenizer(str(tiny_model_dir))
+    prompts = [verification_prompt_ids(tokenizer, "What is 7 * 3?", "7 * 3 = 21.\n#### 21"),
+               verification_prompt_ids(tokenizer, "What is 9 - 4?", "9 - 4 = 6.\n#### 6")]
+    for temperature in (0.0, 1.0):
+        runs = {}
+        for static in (False, True):
+            sampler = RationaleSampler(model, tokenizer, prompts, max_new_tokens=10, temperature=temperature, seed=3,
+                                       static_cache=static)
+            sampler.stop_ids = set(range(0, model.config.vocab_size, 4))  # rows end at different steps
+            results = sampler([0, 1], 4)
+            runs[static] = (sampler.last_generated, [[p for p, _, _ in row] for row in results])
+            assert sampler.graphed == static
+        assert runs[True][0] == runs[False][0]
+        for got, want in zip(runs[True][1], runs[False][1], strict=True):
+            assert got == pytest.approx(want, rel=1e-3, abs=1e-5)
+
+
 class FP8Layers(pl.Callback):
     """Counts, at the start of training, the policy's Transformer Engine layers."""
 

@@ -146,6 +146,71 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert set(sample_tokens(logits, 1.0, 1e-6, torch.Generator().manual_seed(0)).tolist()) == {0}
 
 
+def test_sampling_draws_each_token_with_its_probability():
+    """Inverse-CDF sampling: over 200,000 rows of probs [0.5, 0.3, 0.15, 0.05, 0], each token comes at its probability
+    (within 4 standard errors) and the token of probability 0 never; a fixed generator gives the same draws."""
+    from sampling import sample_tokens
+
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
+    logits = probs.log().repeat(200_000, 1)  # log 0 = -inf
+    drawn = sample_tokens(logits, 1.0, 1.0, torch.Generator().manual_seed(1))
+    shares = torch.bincount(drawn, minlength=5).double() / len(drawn)
+    tolerance = 4 * (probs * (1 - probs) / len(drawn)).sqrt().double()
+    assert ((shares - probs.double()).abs() <= tolerance).all(), shares
+    assert shares[4] == 0
+    assert torch.equal(drawn, sample_tokens(logits, 1.0, 1.0, torch.Generator().manual_seed(1)))
+    # temperature 2 flattens [0.5, 0.3, 0.15, 0.05] to sqrt(p) / sum(sqrt(p))
+    flat = probs[:4].sqrt() / probs[:4].sqrt().sum()
+    drawn = sample_tokens(probs[:4].log().repeat(200_000, 1), 2.0, 1.0, torch.Generator().manual_seed(2))
+    shares = torch.bincount(drawn, minlength=4).double() / len(drawn)
+    assert ((shares - flat.double()).abs() <= 4 * (flat * (1 - flat) / len(drawn)).sqrt().double()).all(), shares
+
+
+def test_the_growing_cache_holds_what_concatenation_holds():
+    """``sampling.growing_cache``: a prefill of 5 positions, 70 one-token steps (past the 64 positions of room, so the
+    buffers grow) and a row selection in between give exactly the keys and values of transformers' DynamicCache."""
+    from transformers import DynamicCache
+
+    from sampling import growing_cache
+
+    grown, concatenated = growing_cache(), DynamicCache()
+    rng = torch.Generator().manual_seed(0)
+    states = [(torch.randn(4, 2, 5, 8, generator=rng), torch.randn(4, 2, 5, 8, generator=rng))]
+    for step in range(70):
+        rows = 4 if step + 1 < 30 else 2  # states[30] is the first after the selection
+        states.append((torch.randn(rows, 2, 1, 8, generator=rng), torch.randn(rows, 2, 1, 8, generator=rng)))
+    for step, (keys, values) in enumerate(states):
+        if step == 30:  # rows 1 and 3 stay
+            for cache in (grown, concatenated):
+                cache.batch_select_indices(torch.tensor([1, 3]))
+        for layer in (0, 1):
+            got = grown.update(keys + layer, values - layer, layer)
+            want = concatenated.update(keys + layer, values - layer, layer)
+            assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert grown.get_seq_length() == concatenated.get_seq_length() == 75
+    assert grown.layers[0].buffers[0].shape[-2] > 64 + 5  # it grew past its first buffer
+
+
+def test_the_samplers_own_output_head_gives_the_models_logits(tiny_model_dir):
+    """On the CPU the sampler runs the decoder, then ``head.weight @ hidden.T``: the model's logits up to float
+    rounding. A head with a bias, or a config that transforms the logits, keeps the model's own forward pass."""
+    from models import load_causal_lm
+    from sampling import PrefixSampler, plain_head
+
+    model = load_causal_lm(str(tiny_model_dir)).eval()
+    sampler = PrefixSampler(model, [[5, 6, 7], [8, 9]], pad_id=0)
+    assert sampler.cpu_head is model.get_output_embeddings()
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    with torch.no_grad():
+        torch.testing.assert_close(sampler._last_logits(input_ids=ids), model(input_ids=ids).logits[:, -1],
+                                   rtol=1e-5, atol=1e-5)
+    model.config.final_logit_softcapping = 30.0
+    assert plain_head(model) is None
+    del model.config.final_logit_softcapping
+    model.lm_head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+    assert plain_head(model) is None
+
+
 def test_answers_stop_at_a_stop_token_or_the_budget_and_share_one_prefill(tiny_model_dir, char_tokenizer):
     from models import load_causal_lm
     from sampling import PrefixSampler
@@ -531,7 +596,7 @@ def test_the_verifier_reward_scores_each_answer_the_same_way_twice(tiny_model_di
     rollout is scored again (seeded by the answers: a resumed run gets the rewards the crashed one got)."""
     from types import SimpleNamespace
 
-    cfg = SimpleNamespace(genrm_gate=False, verifier_k_min=2, verifier_k_max=3, verifier_tau=0.05,
+    cfg = SimpleNamespace(genrm_gate=False, cuda_graphs=True, verifier_k_min=2, verifier_k_max=3, verifier_tau=0.05,
                           verifier_temperature=1.0, verifier_max_new_tokens=6)
     built = rewards.build([f"genrm:{tiny_model_dir}"], None, cfg, tmp_path)
     batch = batch_of(["2 + 2 = 4. #### 4", "2 + 2 = 5. #### 5", "#### 7"])

@@ -201,6 +201,40 @@ def test_shared_prefix_and_per_sample_prompts_give_the_same_greedy_verdicts(tiny
     assert naive.prompt_tokens_run == 4 * shared.prompt_tokens_run  # the naive way runs each prompt per sample
 
 
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_static_cache_rationales_are_the_dynamic_paths(tiny_lm, share_prefix):
+    """The static-cache decoding (a GPU replays its step as a CUDA graph) keeps finished rows in the batch; rationales,
+    verdict probabilities and the random stream after them must be the dynamic path's. With no stop token every row
+    runs to the budget and then the whole question: the static cache's bound (budget + question + verdict) is exact."""
+    from extension.verifier import RationaleSampler, verification_prompt_ids
+
+    model, tokenizer = tiny_lm
+    prompts = [verification_prompt_ids(tokenizer, "What is 7 * 3?", "7 * 3 = 21.\n#### 21"),
+               verification_prompt_ids(tokenizer, "Tom has 12 apples and eats 4. How many are left?", "12 - 4 = 8.\n#### 8")]
+    many = set(range(0, model.config.vocab_size, 4))  # a quarter of the vocabulary ends a rationale
+    for temperature, stop_ids in ((1.0, many), (1.0, set()), (0.0, many)):
+        runs = []
+        for static in (False, True):
+            sampler = RationaleSampler(model, tokenizer, prompts, max_new_tokens=7, temperature=temperature, seed=5,
+                                       share_prefix=share_prefix, static_cache=static)
+            sampler.stop_ids = stop_ids
+            results = sampler([1, 0], 3)
+            runs.append((results, sampler.last_generated, sampler.generator.get_state()))
+            assert not sampler.graphed  # no CUDA graph on the CPU
+        (dynamic, generated, state), (static_results, static_generated, static_state) = runs
+        assert static_generated == generated
+        assert [[text for *_, text in row] for row in static_results] == [[text for *_, text in row] for row in dynamic]
+        for got, want in zip(static_results, dynamic, strict=True):
+            assert [p for p, _, _ in got] == pytest.approx([p for p, _, _ in want], rel=1e-4, abs=1e-6)
+            assert [q for _, q, _ in got] == pytest.approx([q for _, q, _ in want], rel=1e-4, abs=1e-6)
+        assert torch.equal(static_state, state)
+        lengths = {len(tokens) for row in generated for tokens in row}
+        if stop_ids:  # rows ended at different steps, so the static path kept finished rows
+            assert temperature == 0.0 or len(lengths) > 1
+        else:
+            assert lengths == {7}
+
+
 # ---- data and training -------------------------------------------------------------------------------------
 
 def _verifier_cfg(tiny_run_args, *extra):
