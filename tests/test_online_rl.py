@@ -211,6 +211,16 @@ def test_the_samplers_own_output_head_gives_the_models_logits(tiny_model_dir):
     assert plain_head(model) is None
 
 
+def test_the_sampler_bench_counts_what_it_sampled(tiny_model_dir):
+    """bench/sampler_decode.py on the tiny model: one line per P, P * K rows, at most K * budget tokens per prompt."""
+    from bench import sampler_decode
+
+    lines = sampler_decode.main(["--model-name", str(tiny_model_dir), "--prompts", "1,3", "--num-generations", "2",
+                                 "--max-new-tokens", "3"])
+    assert [(line["prompts"], line["rows"]) for line in lines] == [(1, 2), (3, 6)]
+    assert all(0 < line["tokens"] <= line["rows"] * 3 and line["tokens_per_s"] > 0 for line in lines)
+
+
 def test_answers_stop_at_a_stop_token_or_the_budget_and_share_one_prefill(tiny_model_dir, char_tokenizer):
     from models import load_causal_lm
     from sampling import PrefixSampler
