@@ -99,8 +99,9 @@ def growing_cache():
     from transformers.cache_utils import DynamicLayer
 
     cache = DynamicCache()
-    cache.layer_class_to_replicate = type("GrowingLayer", (_GrowingLayer, DynamicLayer), {})
-    return cache
+    if getattr(cache, "layer_class_to_replicate", None) is DynamicLayer and hasattr(DynamicLayer, "lazy_initialization"):
+        cache.layer_class_to_replicate = type("GrowingLayer", (_GrowingLayer, DynamicLayer), {})
+    return cache  # a transformers whose cache is built otherwise keeps concatenating
 
 
 def cache_rows(cache, rows: torch.Tensor, growing: bool = False):
