@@ -246,7 +246,6 @@ class GenerationMonitor:
         return torch.full_like(last, stopping.requested(), dtype=torch.bool)
 
 
-@torch.no_grad()
 @contextlib.contextmanager
 def eval_mode(model: torch.nn.Module):
     """``model`` in eval mode (no dropout) for the block, then back in the mode it was in."""
@@ -258,6 +257,7 @@ def eval_mode(model: torch.nn.Module):
         model.train(was_training)
 
 
+@torch.no_grad()
 def generate_from_prompts(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, progress=None,
                           **generate_kwargs) -> list[str]:
     """Answers to prompt token ids (e.g. ``collate_functions.generation_prompt_ids``), in one left-padded batch,

@@ -49,15 +49,13 @@ def keeps_last_logits(model) -> dict:
 
 def plain_head(model) -> torch.nn.Linear | None:
     """``model``'s output head where its logits are exactly ``head.weight @ hidden``: a bias-free ``torch.nn.Linear``
-    whose output ``forward`` does not transform (``losses.logprobs.LOGIT_TRANSFORMS``); None otherwise."""
-    from losses.logprobs import LOGIT_TRANSFORMS
+    whose output ``forward`` does not transform (``losses.logprobs.transforms_logits``); None otherwise."""
+    from losses.logprobs import transforms_logits
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if type(head) is not torch.nn.Linear or head.bias is not None or not hasattr(model, "get_decoder"):
         return None
-    if any(getattr(model.config, name, None) not in (None, 1, 1.0) for name in LOGIT_TRANSFORMS):
-        return None
-    return head
+    return None if transforms_logits(model) else head
 
 
 class _GrowingLayer:
@@ -104,12 +102,9 @@ def growing_cache():
     return cache  # a transformers whose cache is built otherwise keeps concatenating
 
 
-def cache_rows(cache, rows: torch.Tensor, growing: bool = False):
-    """A new KV cache holding rows ``rows`` (with repeats) of ``cache`` (``growing``: a ``growing_cache``); ``cache``
-    itself is left as it is."""
-    from transformers import DynamicCache
-
-    out = growing_cache() if growing else DynamicCache()
+def cache_rows(cache, rows: torch.Tensor, out):
+    """The empty KV cache ``out``, filled with rows ``rows`` (with repeats) of ``cache``; ``cache`` itself is left as
+    it is."""
     for layer_index, layer in enumerate(cache.layers):
         out.update(layer.keys[rows], layer.values[rows], layer_index)
     return out
@@ -199,9 +194,7 @@ class PrefixSampler:
     @torch.no_grad()
     def _prefill(self, rows: torch.Tensor):
         """The KV cache of ``rows``' prompts without their last token."""
-        from transformers import DynamicCache
-
-        cache = growing_cache() if self.cpu else DynamicCache()
+        cache = self._empty_cache()
         mask = self.mask[rows, :-1]
         self.model(input_ids=self.ids[rows, :-1], attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                    use_cache=True, **{self.cache_kw: cache}, **self.keep_kw)
@@ -211,7 +204,13 @@ class PrefixSampler:
     def rows(self, indices: list[int], n: int) -> tuple[object, torch.Tensor]:
         """The KV cache and prompt index of ``n`` samples of each prompt in ``indices`` (prompt-major)."""
         rows = torch.tensor(indices, device=self.device).repeat_interleave(n)  # (R,) prompt of each sample
-        return (cache_rows(self.prefix, rows, self.cpu) if self.share_prefix else self._prefill(rows)), rows
+        return (cache_rows(self.prefix, rows, self._empty_cache()) if self.share_prefix else self._prefill(rows)), rows
+
+    def _empty_cache(self):
+        """A new KV cache: one that grows in place on the CPU (``growing_cache``), transformers' own elsewhere."""
+        from transformers import DynamicCache
+
+        return growing_cache() if self.cpu else DynamicCache()
 
     @torch.no_grad()
     def decode(self, cache, rows: torch.Tensor, choose: Choose) -> None:

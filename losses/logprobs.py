@@ -11,6 +11,12 @@ IGNORE_INDEX = -100
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier")
 
 
+def transforms_logits(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s forward() changes the logits after its output head (``LOGIT_TRANSFORMS``), so that the head
+    applied to the decoder's hidden states would not give them."""
+    return any(getattr(model.config, name, None) not in (None, 1, 1.0) for name in LOGIT_TRANSFORMS)
+
+
 def gather_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[target] for every position.
 
@@ -68,7 +74,7 @@ def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
     targets, mask = shift_labels(labels)
     head_fn = head_fn or getattr(model, "logprob_head", head_logprobs)
     head = model.get_output_embeddings()
-    if head is None or any(getattr(model.config, name, None) not in (None, 1, 1.0) for name in LOGIT_TRANSFORMS):
+    if head is None or transforms_logits(model):
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]  # (B, T-1, V)
         return gather_logprobs(logits, targets) * mask, mask
     hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
