@@ -3,7 +3,10 @@
 Reads predictions written by inference.py (rows with ``completion`` and ``reference``), or first generates them
 (greedy, resumable) from --model-name on --dataset-name. Writes ``results.jsonl`` (one row per problem: the
 answer read, the gold answer, correct or not) and ``summary.json`` (accuracy with its 95% Wilson interval) to
---output-dir. Equivalent forms count as equal (``0.5`` and ``\\frac{1}{2}``, ``1,000`` and ``1000``).
+--output-dir. Equivalent forms count as equal (``0.5`` and ``\\frac{1}{2}``, ``1,000`` and ``1000``). Where the rows
+hold several sampled answers each (``inference.py --n N --temperature T``), every one is checked too, and the summary
+adds pass@k for k = 1, 2, 4, ... up to N (Chen et al. 2021's unbiased estimator; pass@1 is the mean accuracy of one
+sample): how often some of k samples is right, the ceiling of Best-of-k and of what RL can move onto the greedy answer.
 
     python evaluate_math.py --model-name runs/sft-smollm2-math/final_model --dataset-name synthetic-math \\
         --synthetic-levels 1,2 --limit 100 --output-dir runs/math-sft
@@ -16,7 +19,7 @@ import argparse
 from pathlib import Path
 
 from errors import ArgumentParser, fail
-from metrics import check, gold_answer, has_final_answer, parse, wilson_interval
+from metrics import check, gold_answer, has_final_answer, parse, pass_at_k, wilson_interval
 from secrets_guard import redact_output, refuse_secret_args, write_json, write_jsonl
 
 
@@ -45,7 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def score(rows: list[dict]) -> tuple[list[dict], dict]:
-    """Per-problem results and the summary of prediction rows (``id``, ``completion``, ``reference``)."""
+    """Per-problem results and the summary of prediction rows (``id``, ``completion``, ``reference``; optionally
+    ``completions``, all the answers sampled, ``completion`` the first of them)."""
 
     results = []
     for number, row in enumerate(rows):
@@ -55,11 +59,21 @@ def score(rows: list[dict]) -> tuple[list[dict], dict]:
                              "final answer to check against")
         gold = parse(gold_answer(reference))
         answer, correct = check(row["completion"], gold)
-        results.append({"id": row.get("id", str(number)), "answer": answer, "gold": str(gold[-1]) if gold else "",
-                        "correct": correct, "completion": row["completion"]})
+        result = {"id": row.get("id", str(number)), "answer": answer, "gold": str(gold[-1]) if gold else "",
+                  "correct": correct, "completion": row["completion"]}
+        samples = row.get("completions")
+        if isinstance(samples, list) and len(samples) > 1:
+            result["samples"], result["samples_correct"] = len(samples), sum(check(str(s), gold)[1] for s in samples)
+        results.append(result)
     n, right = len(results), sum(r["correct"] for r in results)
     low, high = wilson_interval(right, n)
-    return results, {"problems": n, "correct": right, "accuracy": right / n if n else 0.0, "ci95": [low, high]}
+    summary = {"problems": n, "correct": right, "accuracy": right / n if n else 0.0, "ci95": [low, high]}
+    if n and all("samples" in r for r in results):
+        fewest = min(r["samples"] for r in results)
+        ks = sorted({2 ** i for i in range(fewest.bit_length()) if 2 ** i <= fewest} | {fewest})
+        summary["samples_per_problem"] = fewest  # the fewest any row has: pass@k is estimated up to it
+        summary["pass_at_k"] = {str(k): sum(pass_at_k(r["samples"], r["samples_correct"], k) for r in results) / n for k in ks}
+    return results, summary
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -90,6 +104,9 @@ def main(argv: list[str] | None = None) -> dict:
     low, high = summary["ci95"]
     print(f"accuracy {100 * summary['accuracy']:.1f}% ({summary['correct']}/{summary['problems']}), "
           f"95% CI [{100 * low:.1f}%, {100 * high:.1f}%]; per-problem results in {out / 'results.jsonl'}")
+    if "pass_at_k" in summary:
+        print(f"pass@k over {summary['samples_per_problem']} samples a problem: "
+              + ", ".join(f"pass@{k} {100 * v:.1f}%" for k, v in summary["pass_at_k"].items()))
     return summary
 
 

@@ -38,8 +38,9 @@ from custom_dataset import DataError
 from errors import ArgumentParser, fail
 from math_problems import load_problems
 from metrics import check, parse
-from models import cache_dir, generate_from_prompts, load_causal_lm, load_tokenizer, model_folder_problem, token_bar
+from models import cache_dir, load_causal_lm, load_tokenizer, model_folder_problem, token_bar
 from resumable import append_rows, read_rows, save_or_check_settings
+from sampling import generate_from_prompts
 from secrets_guard import redact_dataset, redact_output, refuse_secret_args
 
 SAMPLES_FILE = "samples.jsonl"

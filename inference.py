@@ -147,7 +147,7 @@ class TransformersBackend:
     def generate(self, batch: list[dict], args: argparse.Namespace, seed: int, progress=None) -> list[list[str]]:
         import torch
 
-        from models import generate_from_prompts
+        from sampling import generate_from_prompts
 
         torch.manual_seed(seed)
         # top_k=0 turns off the top-50 cut transformers applies by default (and any the model's generation config

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 
 class _NoTimeoutNotice(logging.Filter):
@@ -48,6 +49,15 @@ def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, f
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def pass_at_k(n: int, correct: int, k: int) -> float:
+    """The chance that at least one of ``k`` answers drawn without replacement from ``n`` sampled answers, ``correct``
+    of them right, is right: ``1 - C(n - c, k) / C(n, k)``, the unbiased pass@k estimator of Chen et al. 2021
+    ("Evaluating Large Language Models Trained on Code", eq. 1). k = 1 gives the share right, c / n."""
+    if not 0 < k <= n or not 0 <= correct <= n:
+        raise ValueError(f"pass@k needs 0 < k <= n and 0 <= correct <= n, got n={n}, correct={correct}, k={k}")
+    return 1.0 if n - correct < k else 1.0 - math.comb(n - correct, k) / math.comb(n, k)
 
 
 def answer_text(sample: str) -> str:

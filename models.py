@@ -17,8 +17,6 @@ from pathlib import Path
 
 import torch
 
-import stopping
-
 log = logging.getLogger(__name__)
 
 SMOLLM2_ALIAS = "smollm2-135m-instruct"
@@ -217,33 +215,11 @@ def stop_token_ids(tokenizer) -> set[int]:
 
 
 def token_bar(desc: str, enabled: bool = True):
-    """The progress bar of a generation: tokens as they are produced and their rate, moved by ``GenerationMonitor``
+    """The progress bar of a generation: tokens as they are produced and their rate, moved by ``sampling.GenerationMonitor``
     after every token step (callers add what they finish, e.g. ``bar.set_postfix_str("3/8 prompts")``)."""
     from tqdm import tqdm
 
     return tqdm(desc=desc, unit="tok", unit_scale=True, disable=not enabled, leave=False, dynamic_ncols=True)
-
-
-class GenerationMonitor:
-    """A stopping criterion that ``generate`` calls after every token step (transformers' ``StoppingCriteria``
-    protocol; not subclassed, so that importing this module does not import transformers' generation code): it adds
-    the step's tokens (one per sequence still going) to ``progress`` and, once SIGTERM or SIGINT was received
-    (``stopping.requested``), ends every sequence so that ``generate`` returns at once (``generate_from_prompts`` then
-    raises ``stopping.Stopped``)."""
-
-    def __init__(self, stop_ids: set[int], progress=None):
-        self.stop_ids, self.progress = sorted(stop_ids), progress
-        self.finished: torch.Tensor | None = None  # (B,) sequences that produced a stop token
-
-    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        last = input_ids[:, -1]  # (B,) the token this step produced
-        if self.progress is not None:
-            if self.finished is None:
-                self.finished = torch.zeros_like(last, dtype=torch.bool)
-                self.stop_ids = torch.tensor(self.stop_ids, device=last.device)
-            self.progress.update(int((~self.finished).sum()))
-            self.finished |= torch.isin(last, self.stop_ids)
-        return torch.full_like(last, stopping.requested(), dtype=torch.bool)
 
 
 @contextlib.contextmanager
@@ -255,25 +231,3 @@ def eval_mode(model: torch.nn.Module):
         yield model
     finally:
         model.train(was_training)
-
-
-@torch.no_grad()
-def generate_from_prompts(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, progress=None,
-                          **generate_kwargs) -> list[str]:
-    """Answers to prompt token ids (e.g. ``collate_functions.generation_prompt_ids``), in one left-padded batch,
-    stopping at ``stop_token_ids``; ``generate_kwargs`` go to ``generate`` (sampling settings,
-    ``num_return_sequences``: its answers come out adjacent). ``progress`` (``token_bar``) counts the tokens as they
-    come. Returns stripped answers in order; raises ``stopping.Stopped`` when a stop signal cut the generation short."""
-    from transformers import StoppingCriteriaList
-
-    ids, attention = left_pad(prompts, tokenizer.pad_token_id)  # (B, T): every answer starts at column T
-    width = ids.shape[1]
-    stop = stop_token_ids(tokenizer)
-    with eval_mode(model):
-        generated = model.generate(
-            input_ids=ids.to(model.device), attention_mask=attention.to(model.device), max_new_tokens=max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(stop),
-            stopping_criteria=StoppingCriteriaList([GenerationMonitor(stop, progress)]), **generate_kwargs,
-        )
-    stopping.check()  # the answers of a generation cut short are not answers
-    return [text.strip() for text in tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)]

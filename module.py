@@ -19,9 +19,10 @@ from collate_functions import BatchPlan, LengthGroupedBatchSampler, PlannedDatas
 from config import TrainConfig
 from custom_dataset import CustomDataset
 from metrics import answers_match, edit_distance, has_final_answer
-from models import generate_from_prompts, token_bar
+from models import token_bar
 from objectives import Objective, get_objective, reference_logps
 from precision import sequence_multiple
+from sampling import generate_from_prompts
 from secrets_guard import redact_data
 
 # The module restores the data position itself (see on_load_checkpoint), so Lightning's advice does not apply.

@@ -2,7 +2,7 @@
 every phase, keeping what is complete.
 
 Each script's ``main`` is wrapped in ``stop_on_signals``. The first signal only sets a flag; the long loops look at
-it between steps (``check``): a token step of ``generate`` (``models.GenerationMonitor``), a decode step of the
+it between steps (``check``): a token step of ``generate`` (``sampling.GenerationMonitor``), a decode step of the
 verifier, a row of tokenizing, a training or validation batch (``module.PostTrainingModule``), a batch of a script.
 The step in flight is dropped, never half-written: checkpoints and output rows are only ever written whole
 (``checkpoint_io.AtomicCheckpointIO``, ``resumable.append_rows``). The script then exits with 128 + the signal's

@@ -119,7 +119,8 @@ def generate_candidates(args: argparse.Namespace, problems: list[dict], path: Pa
     """Append {question_id, question, candidates: [{solution, answer, correct}]} for each of ``problems``
     (``math_problems.load_problems``) to ``path``, skipping problems already there."""
     from collate_functions import generation_prompt_ids
-    from models import generate_from_prompts, load_causal_lm, load_tokenizer, token_bar
+    from models import load_causal_lm, load_tokenizer, token_bar
+    from sampling import generate_from_prompts
 
     done = {row["question_id"] for row in read_rows(path, keys=("question_id",))}
     todo = [p for p in problems if p["question_id"] not in done]

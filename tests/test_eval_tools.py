@@ -42,6 +42,36 @@ def test_math_accuracy_with_equivalent_forms_and_a_wilson_interval(tmp_path):
     assert summary["ci95"] == pytest.approx([0.3006, 0.9544], abs=1e-4)
 
 
+def test_pass_at_k_is_the_share_of_k_subsets_holding_a_right_answer():
+    """Against counting every k-subset of n answers (c of them right) that holds a right one."""
+    from itertools import combinations
+
+    from metrics import pass_at_k
+
+    for n, c, k in [(4, 1, 2), (5, 2, 3), (6, 2, 3), (8, 0, 4), (8, 7, 2), (3, 3, 1), (7, 3, 1)]:
+        subsets = list(combinations([True] * c + [False] * (n - c), k))
+        assert pass_at_k(n, c, k) == pytest.approx(sum(any(s) for s in subsets) / len(subsets))
+    assert pass_at_k(4, 1, 2) == pytest.approx(0.5)  # 1 - C(3, 2) / C(4, 2) = 1 - 3/6
+    with pytest.raises(ValueError, match="0 < k <= n"):
+        pass_at_k(4, 1, 5)
+
+
+def test_math_accuracy_of_several_samples_adds_pass_at_k(tmp_path, capsys):
+    """Problem a: 1 of 4 samples right (pass@1 1/4, pass@2 1 - C(3,2)/C(4,2) = 1/2, pass@4 1); problem b: 3 of 4
+    (3/4, 1 - 0/6 = 1, 1); c: none. Means: pass@1 (0.25 + 0.75 + 0) / 3 = 1/3, pass@2 1/2, pass@4 2/3."""
+    rows = [{"id": "a", "completions": ["#### 3", "#### 4", "#### 5", "#### 6"], "reference": "#### 4"},
+            {"id": "b", "completions": ["#### 2", "#### 2", "#### 2.0", "#### 1"], "reference": "#### 2"},
+            {"id": "c", "completions": ["#### 0", "#### 1", "#### 1", "#### 1"], "reference": "#### 9"}]
+    rows = [{**r, "completion": r["completions"][0]} for r in rows]
+    summary = evaluate_math.main(["--predictions", str(write_jsonl(tmp_path / "p.jsonl", rows)), "--output-dir", str(tmp_path / "out")])
+    assert summary["accuracy"] == pytest.approx(1 / 3)  # the first sample of each: wrong, right, wrong
+    assert summary["samples_per_problem"] == 4
+    assert summary["pass_at_k"] == pytest.approx({"1": 1 / 3, "2": 1 / 2, "4": 2 / 3})
+    results = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert [r["samples_correct"] for r in results] == [1, 3, 0]
+    assert "pass@1 33.3%, pass@2 50.0%, pass@4 66.7%" in capsys.readouterr().out
+
+
 def test_math_accuracy_names_a_row_without_a_final_answer(tmp_path, capsys):
     path = write_jsonl(tmp_path / "p.jsonl", [{"id": "x", "completion": "5", "reference": "no final answer here"}])
     with pytest.raises(SystemExit):
@@ -98,26 +128,29 @@ def test_inference_reads_a_dataset_and_keeps_its_references(tmp_path, tiny_model
 
 def test_transformers_sampling_turns_off_the_default_top_k(tiny_model_dir, monkeypatch):
     """transformers samples from the 50 likeliest tokens unless told otherwise; vLLM from all of them. The
-    fallback must ask for top_k=0 so both draw from the distribution --temperature and --top-p describe."""
+    fallback must ask for top_k=0 so both draw from the distribution --temperature and --top-p describe (on the CPU
+    the shared-prefix sampler then draws them: ``sampler_settings`` reads the same keywords)."""
+    import sampling
+
     backend = inference.TransformersBackend(str(tiny_model_dir))
     seen = []
-    real = backend.model.generate
+    real = sampling.generate_from_prompts
 
-    def recording(**kwargs):
-        seen.append({k: v for k, v in kwargs.items() if k not in ("input_ids", "attention_mask", "stopping_criteria")})
-        return real(**kwargs)
+    def recording(model, tokenizer, prompts, max_new_tokens, progress=None, **kwargs):
+        seen.append({"max_new_tokens": max_new_tokens, **kwargs})
+        return real(model, tokenizer, prompts, max_new_tokens, progress=progress, **kwargs)
 
-    monkeypatch.setattr(backend.model, "generate", recording)
+    monkeypatch.setattr(sampling, "generate_from_prompts", recording)
     batch = [{"messages": [{"role": "user", "content": "What is 1 + 1?"}]}]
     sampled = inference.parse_args(["--model-name", "m", "--prompts", "p", "--output", "o", "--n", "3",
                                     "--temperature", "0.7", "--top-p", "0.9", "--max-new-tokens", "3"])
     assert [len(answers) for answers in backend.generate(batch, sampled, seed=0)] == [3]
-    assert seen[-1] | {"eos_token_id": None} == {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 0,
-                                                 "num_return_sequences": 3, "max_new_tokens": 3, "eos_token_id": None,
-                                                 "pad_token_id": backend.tokenizer.pad_token_id}
+    assert seen[-1] == {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 0, "num_return_sequences": 3,
+                        "max_new_tokens": 3}
+    assert sampling.sampler_settings(backend.model, {k: v for k, v in seen[-1].items() if k != "max_new_tokens"}) == (0.7, 0.9, 3)
     greedy = inference.parse_args(["--model-name", "m", "--prompts", "p", "--output", "o", "--max-new-tokens", "3"])
     backend.generate(batch, greedy, seed=0)
-    assert seen[-1]["do_sample"] is False and "top_k" not in seen[-1] and "temperature" not in seen[-1]
+    assert seen[-1] == {"do_sample": False, "num_return_sequences": 1, "max_new_tokens": 3}
 
 
 def _written_rows(path, ids, settings, model):

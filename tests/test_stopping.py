@@ -44,7 +44,7 @@ def tiny(tiny_model_dir):
 
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_stops_generate_at_the_next_token_step(tiny, sig, code, capsys):
-    from models import generate_from_prompts
+    from sampling import generate_from_prompts
 
     model, tokenizer = tiny
     handlers = {s: signal.getsignal(s) for s in stopping.SIGNALS}
