@@ -5,8 +5,9 @@ conversation before each row's final answer is the prompt, and that answer is ke
 jsonl file of ``{"prompt": str}`` or ``{"messages": [...]}`` rows (optional ``id``). Each output row:
 ``{id, prompt, completions, completion, reference, model, backend, settings}``.
 
-Backends: vLLM's offline ``LLM`` engine when vLLM is installed and a GPU is present, else batched transformers
-``generate``; same options and output either way (``--backend`` forces one). A rerun with the same --output
+Backends: vLLM's offline ``LLM`` engine when vLLM is installed and a GPU is present, else the transformers model
+through ``sampling.generate_from_prompts`` (batched ``generate`` on a GPU, the shared-prefix sampler on the CPU);
+same options and output either way (``--backend`` forces one). A rerun with the same --output
 skips the ids already written, so a crash loses at most the batch in flight; it must ask for the same model and
 generation settings as the rows there (it stops, naming the setting that differs, rather than mix two runs).
 
@@ -125,7 +126,7 @@ def use_vllm(backend: str) -> bool:
 
 
 class TransformersBackend:
-    """Batched ``generate`` (left-padded), on the GPU when there is one."""
+    """The transformers model, on the GPU when there is one, answering through ``sampling.generate_from_prompts``."""
 
     name = "transformers"
 

@@ -215,8 +215,9 @@ def stop_token_ids(tokenizer) -> set[int]:
 
 
 def token_bar(desc: str, enabled: bool = True):
-    """The progress bar of a generation: tokens as they are produced and their rate, moved by ``sampling.GenerationMonitor``
-    after every token step (callers add what they finish, e.g. ``bar.set_postfix_str("3/8 prompts")``)."""
+    """The progress bar of a generation: tokens as they are produced and their rate, moved after every token step by
+    the decoding loop (``sampling.PrefixSampler``, or ``sampling.GenerationMonitor`` inside transformers' ``generate``);
+    callers add what they finish, e.g. ``bar.set_postfix_str("3/8 prompts")``."""
     from tqdm import tqdm
 
     return tqdm(desc=desc, unit="tok", unit_scale=True, disable=not enabled, leave=False, dynamic_ncols=True)

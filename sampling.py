@@ -1,6 +1,7 @@
 """Sampling several continuations of each prompt from one shared prefill: the decoding loop of online RL's rollouts
 (``Rollouts.sample``: K answers per prompt) and of the GenRM-CoT verifier's rationales
-(``extension.verifier.RationaleSampler``, which builds on ``PrefixSampler``).
+(``extension.verifier.RationaleSampler``, which builds on ``PrefixSampler``), and on the CPU of every batched
+generation (``generate_from_prompts``, at the end: validation, inference.py, DPO pairs, Best-of-N).
 
 1. At construction the prompts are left-padded and run through the model once, all but their last token: the
    prefix KV cache.
@@ -441,6 +442,23 @@ def sampler_settings(model, generate_kwargs: dict) -> tuple[float, float, int] |
     return setting("temperature"), setting("top_p"), setting("num_return_sequences")
 
 
+def sharded(model) -> bool:
+    """Whether ``model``'s forward passes are collectives across ranks (FSDP or DeepSpeed ZeRO-3 with several), where
+    every rank must run as many as the others: ``generate`` then keeps finished ranks stepping (its ``synced_gpus``,
+    decided the same way), which ``generate_from_prompts``'s sampler path does not."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return False
+    try:
+        from transformers.distributed.fsdp import is_fsdp_managed_module
+    except ImportError:  # transformers before 5
+        from transformers.integrations.fsdp import is_fsdp_managed_module
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled() or is_fsdp_managed_module(model)
+
+
 @torch.no_grad()
 def generate_from_prompts(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, progress=None,
                           **generate_kwargs) -> list[str]:
@@ -454,10 +472,12 @@ def generate_from_prompts(model, tokenizer, prompts: list[list[int]], max_new_to
     batch): on 2 cores 1.2x ``generate``'s speed for 16 greedy answers, 1.7x for 8 samples of each of 4 prompts
     (docs/benchmarks.md). Greedy answers are ``generate``'s; sampled ones are drawn from the same distribution with
     another random stream, seeded from torch's global generator (so ``torch.manual_seed`` still fixes them).
-    Elsewhere (a GPU, other settings, a one-token prompt), ``transformers_generate``."""
+    Elsewhere (a GPU, other settings, a one-token prompt, a model ``sharded`` across ranks),
+    ``transformers_generate``."""
     from models import stop_token_ids
 
-    settings = sampler_settings(model, generate_kwargs) if next(model.parameters()).device.type == "cpu" else None
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    settings = sampler_settings(model, generate_kwargs) if on_cpu and not sharded(model) else None
     if settings is None or min(map(len, prompts)) < 2:
         return transformers_generate(model, tokenizer, prompts, max_new_tokens, progress, **generate_kwargs)
     temperature, top_p, n = settings

@@ -116,3 +116,44 @@ def test_the_sampler_path_counts_into_the_bar_what_generate_counts(tiny, monkeyp
     transformers_generate(model, tokenizer, prompts, 7, progress=generated, do_sample=False)
     generate_from_prompts(model, tokenizer, prompts, 7, progress=sampled, do_sample=False)
     assert 7 < generated.n < 14 and sampled.n == generated.n  # one row stopped early; its stop token counts
+
+
+def test_the_generation_bench_times_both_paths_on_the_same_answers(tiny_model_dir):
+    """bench/generation.py on the tiny model: greedy lines give both paths the same answers and tokens; sampled lines
+    count P * K answers' tokens within the budget."""
+    from bench import generation
+
+    greedy, sampled = generation.main(["--model-name", str(tiny_model_dir), "--lines", "3x1,2x3", "--max-new-tokens", "4"])
+    assert greedy["same_answers"] == 3 and greedy["sampler"]["tokens"] == greedy["generate"]["tokens"] > 0
+    assert all(0 < sampled[path]["tokens"] <= 2 * 3 * 4 for path in ("sampler", "generate"))
+    assert sampled["speedup"] > 0 and sampled["mode"] == "sampled"
+
+
+def _sharded_worker(rank: int, model_dir: str, out: str) -> None:
+    from pathlib import Path
+
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from transformers import AutoModelForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from sampling import sharded
+
+    plain = AutoModelForCausalLM.from_pretrained(model_dir)  # as under DDP: each rank's forward passes are its own
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    FSDP(model, auto_wrap_policy=ModuleWrapPolicy({LlamaDecoderLayer}), device_id=torch.device("cpu"), use_orig_params=True)
+    Path(out, f"rank-{rank}").write_text(f"{sharded(plain)} {sharded(model)}")
+
+
+@pytest.mark.slow
+def test_a_model_sharded_across_ranks_goes_to_generate(tiny_model_dir, tmp_path):
+    """Under FSDP with 2 ranks every forward pass is a collective, so generation stays with ``generate`` (which keeps
+    finished ranks stepping); an unsharded model on the same 2 ranks, and any model without a process group, may use
+    the sampler."""
+    from test_online_rl import _on_two_gloo_ranks
+
+    from sampling import sharded
+
+    _on_two_gloo_ranks(_sharded_worker, str(tiny_model_dir), str(tmp_path))
+    assert [(tmp_path / f"rank-{r}").read_text() for r in (0, 1)] == ["False True"] * 2
+    assert not sharded(models.load_causal_lm(str(tiny_model_dir)))
