@@ -37,16 +37,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     import torch
     import transformers
 
-    import synthetic_math
-    from collate_functions import generation_prompt_ids
+    from bench.sampler_decode import math_prompts
     from models import load_causal_lm, load_tokenizer
     from sampling import generate_from_prompts, transformers_generate
 
     shapes = [tuple(int(x) for x in line.split("x")) for line in args.lines.split(",")]
     model, tokenizer = load_causal_lm(args.model_name).eval(), load_tokenizer(args.model_name)
-    problems = synthetic_math.generate_problems(max(p for p, _ in shapes), args.seed, (1, 2))
-    prompts = [generation_prompt_ids(tokenizer, [{"role": "user", "content": p.question}, {"role": "assistant", "content": ""}])
-               for p in problems]
+    prompts = math_prompts(tokenizer, max(p for p, _ in shapes), args.seed)
     paths = {"sampler": generate_from_prompts, "generate": transformers_generate}
     for run in paths.values():  # warm-up
         run(model, tokenizer, prompts[:2], 4, do_sample=False)

@@ -22,6 +22,15 @@ for var, value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("TOKE
     os.environ.setdefault(var, value)
 
 
+def math_prompts(tokenizer, count: int, seed: int) -> list[list[int]]:
+    """Token ids of the generation prompts of ``count`` synthetic-math problems (levels 1-2) of seed ``seed``'s stream."""
+    import synthetic_math
+    from collate_functions import generation_prompt_ids
+
+    return [generation_prompt_ids(tokenizer, [{"role": "user", "content": p.question}, {"role": "assistant", "content": ""}])
+            for p in synthetic_math.generate_problems(count, seed, (1, 2))]
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-name", default="runs/sft-smollm2-math/final_model", help="Policy (as train.py).")
@@ -35,16 +44,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     import torch
     import transformers
 
-    import synthetic_math
-    from collate_functions import generation_prompt_ids
     from models import load_causal_lm, load_tokenizer, stop_token_ids
     from sampling import PrefixSampler
 
     counts = [int(p) for p in args.prompts.split(",")]
     model, tokenizer = load_causal_lm(args.model_name).eval(), load_tokenizer(args.model_name)
-    problems = synthetic_math.generate_problems(max(counts), args.seed, (1, 2))
-    prompts = [generation_prompt_ids(tokenizer, [{"role": "user", "content": p.question}, {"role": "assistant", "content": ""}])
-               for p in problems]
+    prompts = math_prompts(tokenizer, max(counts), args.seed)
     stop = stop_token_ids(tokenizer)
     PrefixSampler(model, prompts[:1], tokenizer.pad_token_id, seed=args.seed).sample([0], 2, stop, 4)  # warm-up
     lines = []
