@@ -117,6 +117,65 @@ def test_inference_resumes_without_duplicating_or_losing_rows(tmp_path, tiny_mod
     assert inference.main(args)["written"] == 0  # nothing left to do
 
 
+@pytest.mark.parametrize("chat", [True, False], ids=["chat-template", "raw-text"])
+def test_inference_through_vllm_asks_for_the_flags_settings_and_writes_its_answers(tmp_path, monkeypatch, chat):
+    """--backend vllm with a stand-in for the vllm package (vLLM needs a GPU): the engine is built on the resolved
+    model folder, asked per batch for --n answers with --temperature, --top-p, --max-new-tokens and a seed that
+    moves with the batch, through ``chat`` (the conversation) or ``generate`` (the raw last turn), and its answers
+    are written stripped, with the backend named."""
+    import importlib.machinery
+    import sys
+    from types import ModuleType, SimpleNamespace
+
+    calls = []
+
+    class SamplingParams:
+        def __init__(self, **settings):
+            self.__dict__.update(settings)
+
+    class LLM:
+        def __init__(self, model):
+            calls.append(("engine", model))
+
+        def _answers(self, how, inputs, params, use_tqdm):
+            calls.append((how, inputs, params))
+            assert use_tqdm is False
+            return [SimpleNamespace(outputs=[SimpleNamespace(text=f" {how} {i}.{j} ", token_ids=[1, 2, 3])
+                                             for j in range(params.n)]) for i, _ in enumerate(inputs)]
+
+        def chat(self, conversations, params, use_tqdm):
+            return self._answers("chat", conversations, params, use_tqdm)
+
+        def generate(self, prompts, params, use_tqdm):
+            return self._answers("generate", prompts, params, use_tqdm)
+
+    fake = ModuleType("vllm")
+    fake.__spec__ = importlib.machinery.ModuleSpec("vllm", None)
+    fake.LLM, fake.SamplingParams = LLM, SamplingParams
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    out = tmp_path / "out.jsonl"
+    inference.main(["--model-name", str(model), "--prompts", str(_prompts(tmp_path, 3)), "--output", str(out),
+                    "--backend", "vllm", "--n", "2", "--temperature", "0.5", "--top-p", "0.9", "--max-new-tokens", "7",
+                    "--seed", "3", "--batch-size", "2", *([] if chat else ["--no-chat-template"])])
+    how = "chat" if chat else "generate"
+    assert calls[0] == ("engine", str(model))
+    batches = calls[1:]
+    assert [c[0] for c in batches] == [how, how]
+    expected_inputs = [[{"role": "user", "content": f"What is {i} + {i}?"}] for i in range(3)]
+    if not chat:
+        expected_inputs = [m[-1]["content"] for m in expected_inputs]
+    assert batches[0][1] + batches[1][1] == expected_inputs
+    assert [vars(c[2]) for c in batches] == [{"n": 2, "temperature": 0.5, "top_p": 0.9, "max_tokens": 7, "seed": seed}
+                                             for seed in (3, 5)]  # --seed plus the batch's first row
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["completions"] for r in rows] == [[f"{how} 0.0", f"{how} 0.1"], [f"{how} 1.0", f"{how} 1.1"], [f"{how} 0.0", f"{how} 0.1"]]
+    assert {r["backend"] for r in rows} == {"vllm"}
+
+
 def test_inference_reads_a_dataset_and_keeps_its_references(tmp_path, tiny_model_dir):
     out = tmp_path / "out.jsonl"
     inference.main(["--model-name", str(tiny_model_dir), "--dataset-name", "synthetic-math", "--synthetic-levels", "1",
