@@ -470,8 +470,9 @@ def generate_from_prompts(model, tokenizer, prompts: list[list[int]], max_new_to
     On the CPU, where ``sampler_settings`` finds nothing the sampler lacks, the answers come from ``PrefixSampler``
     (each prompt run once whatever the number of answers, the KV cache grown in place, finished rows leaving the
     batch): on 2 cores 1.2x ``generate``'s speed for 16 greedy answers, 1.6x for 8 samples of each of 4 prompts and
-    1.8x of 16 (``bench/generation.py``, docs/benchmarks.md). Greedy answers are ``generate``'s; sampled ones are drawn from the same distribution with
-    another random stream, seeded from torch's global generator (so ``torch.manual_seed`` still fixes them).
+    1.8x of 16 (``bench/generation.py``, docs/benchmarks.md). Greedy answers are ``generate``'s; sampled ones are
+    drawn from the same distribution with another random stream, seeded from torch's global generator (so
+    ``torch.manual_seed`` still fixes them).
     Elsewhere (a GPU, other settings, a one-token prompt, a model ``sharded`` across ranks),
     ``transformers_generate``."""
     from models import stop_token_ids

@@ -15,9 +15,7 @@ Run (about 5 minutes on 2 idle CPU cores, after the main job has trained the SFT
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import time
 
 for var, value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
@@ -35,9 +33,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
 
     import torch
-    import transformers
 
-    from bench.sampler_decode import math_prompts
+    from bench.sampler_decode import math_prompts, save, versions
     from models import load_causal_lm, load_tokenizer
     from sampling import generate_from_prompts, transformers_generate
 
@@ -47,8 +44,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     paths = {"sampler": generate_from_prompts, "generate": transformers_generate}
     for run in paths.values():  # warm-up
         run(model, tokenizer, prompts[:2], 4, do_sample=False)
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads")
+    print(versions())
 
     class Count:  # a progress bar that only counts the tokens
         n = 0
@@ -76,9 +72,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"P={count} K={k} ({line['mode']}): sampler {line['sampler']['tokens_per_s']} tokens/s, generate "
               f"{line['generate']['tokens_per_s']} tokens/s, {line['speedup']}x"
               + (f", {line['same_answers']}/{count} answers the same" if k == 1 else ""), flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(lines, f, indent=2)
+    save(lines, args.out)
     return lines
 
 

@@ -31,6 +31,22 @@ def math_prompts(tokenizer, count: int, seed: int) -> list[list[int]]:
             for p in synthetic_math.generate_problems(count, seed, (1, 2))]
 
 
+def versions() -> str:
+    """The line a decoding bench prints first: the library versions, the CPU and its threads."""
+    import torch
+    import transformers
+
+    return (f"torch {torch.__version__}, transformers {transformers.__version__}, "
+            f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+
+
+def save(lines: list[dict], out: str | None) -> None:
+    """A bench's lines as JSON to ``out`` (--out), where given."""
+    if out:
+        with open(out, "w") as f:
+            json.dump(lines, f, indent=2)
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-name", default="runs/sft-smollm2-math/final_model", help="Policy (as train.py).")
@@ -41,8 +57,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--out", default=None, help="Also write the lines as JSON to this file.")
     args = parser.parse_args(argv)
 
-    import torch
-    import transformers
 
     from models import load_causal_lm, load_tokenizer, stop_token_ids
     from sampling import PrefixSampler
@@ -53,8 +67,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     stop = stop_token_ids(tokenizer)
     PrefixSampler(model, prompts[:1], tokenizer.pad_token_id, seed=args.seed).sample([0], 2, stop, 4)  # warm-up
     lines = []
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads")
+    print(versions())
     for count in counts:
         start = time.perf_counter()
         sampler = PrefixSampler(model, prompts[:count], tokenizer.pad_token_id, temperature=1.0, seed=args.seed)
@@ -66,9 +79,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         lines.append(line)
         print(f"P={count} K={args.num_generations} rows={line['rows']}: {tokens} tokens in {seconds:.1f} s, "
               f"{line['tokens_per_s']} tokens/s", flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(lines, f, indent=2)
+    save(lines, args.out)
     return lines
 
 
