@@ -91,6 +91,12 @@ class TrainConfig:
     seed: int = _f(42, "Random seed for data order, sampling and initialisation, and of the synthetic-math problem stream.")
     max_epochs: int = _f(1, "Number of passes over the training data.")
     max_steps: int = _f(-1, "Stop after this many optimizer steps (-1: run all epochs).")
+    max_time_minutes: float | None = _f(
+        None,
+        "Also stop training after this many minutes of wall-clock time (Lightning's max_time; counted across a resume), "
+        "then validate and save the final model as at the end of a run. The learning-rate schedule still follows "
+        "--max-steps or the epochs.",
+    )
     batch_size: int = _f(8, "Examples per micro-batch (per worker).")
     accumulate_grad_batches: int = _f(1, "Micro-batches per optimizer step.")
     lr: float = _f(1e-5, "Peak learning rate of AdamW.")
@@ -409,6 +415,8 @@ def validate(cfg: TrainConfig) -> list[str]:
     need(cfg.ckpt_to_keep >= 1 or cfg.ckpt_to_keep == -1, f"--ckpt-to-keep must be at least 1 (or -1: keep all), got {cfg.ckpt_to_keep}")
     need(cfg.max_epochs >= 1 or cfg.max_steps >= 1, "--max-epochs and --max-steps cannot both be below 1: nothing would train")
     need(cfg.max_steps == -1 or cfg.max_steps >= 1, f"--max-steps must be -1 or at least 1, got {cfg.max_steps}")
+    need(cfg.max_time_minutes is None or cfg.max_time_minutes > 0,
+         f"--max-time-minutes must be positive, got {cfg.max_time_minutes}")
     need(cfg.beta > 0, f"--beta must be positive, got {cfg.beta}")
     need(cfg.lambda_ >= 0, f"--lambda must be 0 or more, got {cfg.lambda_}")
     need(1 <= cfg.verifier_k_min <= cfg.verifier_k_max,

@@ -24,6 +24,7 @@ import os
 import shutil
 import time
 from collections import Counter
+from datetime import timedelta
 
 import stopping
 from checkpoints import AtomicCheckpointIO, AtomicLastLink, remove_staging, staging_path
@@ -192,6 +193,7 @@ def build_trainer(cfg: TrainConfig, model, callbacks: list | None = None, on_ray
         plugins=[*setup["plugins"], AtomicCheckpointIO(), *([plugin] if plugin else [])],  # checkpoints: whole or none
         max_epochs=cfg.max_epochs,
         max_steps=cfg.max_steps,
+        max_time=None if cfg.max_time_minutes is None else timedelta(minutes=cfg.max_time_minutes),
         accumulate_grad_batches=cfg.accumulate_grad_batches,
         gradient_clip_val=None if cfg.strategy == "fsdp" else cfg.gradient_clip_val or None,  # FSDP: the module clips
         check_val_every_n_epoch=cfg.check_val_every_n_epoch,

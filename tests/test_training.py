@@ -145,3 +145,19 @@ def test_overwrite_cannot_resume_from_the_checkpoints_it_removes(tiny_run_args, 
         train.main([*tiny_run_args, "--overwrite", "--resume-from-checkpoint", "last"])
     assert "--overwrite removes the checkpoints of run tiny" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_max_time_stops_training_then_validates_and_saves_the_final_model(tiny_run_args, tmp_path):
+    """--max-time-minutes: Lightning's timer ends fit at the first step boundary past the limit (here 6 ms: after
+    step 1 of 8), and the run still validates that model and saves it as final_model."""
+    recorder = Recorder()
+    results = _run(tiny_run_args, "--max-time-minutes", "0.0001", "--val-generate-samples", "0", callbacks=[recorder])
+    assert len(recorder.losses) == 1
+    assert "val/loss" in results["after"]
+    assert (tmp_path / "runs" / "tiny" / "final_model" / "model.safetensors").is_file()
+
+
+def test_max_time_must_be_positive(tiny_run_args, capsys):
+    with pytest.raises(SystemExit):
+        train.main([*tiny_run_args, "--max-time-minutes", "0"])
+    assert "--max-time-minutes must be positive, got 0.0" in capsys.readouterr().err
