@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # RLOO on synthetic math with a GPU's budget of answers, on the real embedded model: the README chain's SFT, then
-# three RLOO runs side by side on one GPU, then greedy accuracy of all four on the 300 held-out problems of
-# docs/results.md. Run from the repository root on the GPU machine, in two calls on one warm machine (the model's GGUF
-# file, 94 MiB, is over the 64 MiB a call carries):
+# RLOO runs side by side on one GPU (three by default), then greedy accuracy of every model on the 300 held-out
+# problems of docs/results.md. Run from the repository root on the GPU machine, in two calls on one warm machine
+# (the model's GGUF file, 94 MiB, is over the 64 MiB a call carries; the next call must come within the 30 s the
+# machine stays warm):
 #   bash bench/gpu_rl_math.sh tests     # carry .gpu/wheels and .gpu/gguf.part1: keeps part 1 in /tmp, installs the
-#                                       # wheels, runs the GPU tests (pytest -m gpu, FP8 ones aside), about 3 min
-#   bash bench/gpu_rl_math.sh rl        # carry .gpu/wheels and .gpu/gguf.part2: the experiment, about 9 min
+#                                       # wheels, runs the GPU tests (pytest -m gpu, FP8 ones aside), 1.5 min
+#   bash bench/gpu_rl_math.sh rl        # carry .gpu/wheels, .gpu/gguf.part2, .gpu/gguf.sha256: the experiment, 7 min
 # Prepare here first (no network there):
 #   .gpu/wheels: datasets dill multiprocess math-verify latex2sympy2_extended antlr4-python3-runtime gguf (--no-deps,
 #     cp312, manylinux; see the device tool's README)
@@ -66,8 +67,8 @@ python3 -c "import json, synthetic_math as s; open('$runs/heldout/problems.jsonl
 
 # Runs of the README config with a GPU's answers: 16 prompts x K = 8 a step (two micro-batches of 8 prompts),
 # up to 150 steps or the time limit, seed 7's, 11's or 13's problems (2,400 of any of these streams share no question
-# with the held-out problems), the learning rate each run names. Each run's wall clock: minutes of training (--max-time-minutes) plus loading
-# and the final validation.
+# with the held-out problems), the learning rate each run names. Each run's wall clock: its minutes of training
+# (--max-time-minutes) plus loading and the final validation.
 step "2. SFT on the held-out problems, and the RLOO runs side by side (up to ${RL_MINUTES:-4} min of training each)"
 heldout sft-smollm2-math &
 IFS=, read -r -a specs <<< "${RUNS:-a 7 5e-6,b 11 5e-6,c 7 1e-5}"  # tag seed lr, one run each
@@ -82,7 +83,7 @@ wait
 tags=$(for spec in "${specs[@]}"; do echo "${spec%% *}"; done)
 for tag in $tags; do
   echo "rloo-gpu-$tag: $(grep -E "after training" "$OUT/rloo-gpu-$tag.log" | tail -1)" | tee -a "$log"
-  python3 -c "import csv, glob, sys
+  python3 -c "import csv, glob
 rows = [r for f in glob.glob('$runs/rloo-gpu-$tag/csv/version_*/metrics.csv') for r in csv.DictReader(open(f)) if r.get('train/reward')]
 print('  steps', len(rows), 'reward first/last 10:', *(round(sum(float(r['train/reward']) for r in part) / max(len(part), 1), 3)
       for part in (rows[:10], rows[-10:])))" 2>&1 | tail -1 | tee -a "$log"
