@@ -401,7 +401,7 @@ def validate(cfg: TrainConfig) -> list[str]:
     for key in ("train_percentile", "test_percentile"):
         value = getattr(cfg, key)
         need(0 < value <= 100, f"{flag_name(key)} must be in (0, 100], got {value}")
-    for key in ("train_dataset_length", "test_dataset_length", "checkpoint_every_n_steps"):
+    for key in ("train_dataset_length", "test_dataset_length", "checkpoint_every_n_steps", "max_time_minutes"):
         value = getattr(cfg, key)
         need(value is None or value > 0, f"{flag_name(key)} must be positive, got {value}")
     for key in ("batch_size", "accumulate_grad_batches", "max_length", "num_workers", "checkpoint_frequency",
@@ -415,8 +415,6 @@ def validate(cfg: TrainConfig) -> list[str]:
     need(cfg.ckpt_to_keep >= 1 or cfg.ckpt_to_keep == -1, f"--ckpt-to-keep must be at least 1 (or -1: keep all), got {cfg.ckpt_to_keep}")
     need(cfg.max_epochs >= 1 or cfg.max_steps >= 1, "--max-epochs and --max-steps cannot both be below 1: nothing would train")
     need(cfg.max_steps == -1 or cfg.max_steps >= 1, f"--max-steps must be -1 or at least 1, got {cfg.max_steps}")
-    need(cfg.max_time_minutes is None or cfg.max_time_minutes > 0,
-         f"--max-time-minutes must be positive, got {cfg.max_time_minutes}")
     need(cfg.beta > 0, f"--beta must be positive, got {cfg.beta}")
     need(cfg.lambda_ >= 0, f"--lambda must be 0 or more, got {cfg.lambda_}")
     need(1 <= cfg.verifier_k_min <= cfg.verifier_k_max,

@@ -57,7 +57,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--out", default=None, help="Also write the lines as JSON to this file.")
     args = parser.parse_args(argv)
 
-
     from models import load_causal_lm, load_tokenizer, stop_token_ids
     from sampling import PrefixSampler
 

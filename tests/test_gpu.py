@@ -147,20 +147,14 @@ def test_a_resumed_gpu_run_reuses_its_kept_rollout_on_the_gpu(tiny_model_dir, tm
 
 @needs_cuda
 def test_sampling_on_the_gpu_draws_each_token_with_its_probability():
-    """The inverse-CDF draw on CUDA (float64 cumulative sums and searchsorted there, the generator on the GPU): over
-    200,000 rows of probs [0.5, 0.3, 0.15, 0.05, 0], each token comes at its probability (within 4 standard errors),
-    the token of probability 0 never, and a fixed CUDA generator repeats its draws. Top-p 0.7 keeps the first two."""
+    """The inverse-CDF draw on CUDA (float64 cumulative sums and searchsorted there, the generator on the GPU): the
+    CPU test's draws (``assert_draws_follow_their_probabilities``), and top-p 0.7 keeps the first two tokens."""
+    from test_online_rl import assert_draws_follow_their_probabilities
+
     from sampling import sample_tokens
 
-    probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0], device="cuda")
-    logits = probs.log().repeat(200_000, 1)
-    drawn = sample_tokens(logits, 1.0, 1.0, torch.Generator("cuda").manual_seed(1))
-    assert drawn.device.type == "cuda"
-    shares = torch.bincount(drawn, minlength=5).double().cpu() / len(drawn)
-    want = probs.double().cpu()
-    assert ((shares - want).abs() <= 4 * (want * (1 - want) / len(drawn)).sqrt()).all(), shares
-    assert shares[4] == 0
-    assert torch.equal(drawn, sample_tokens(logits, 1.0, 1.0, torch.Generator("cuda").manual_seed(1)))
+    probs = assert_draws_follow_their_probabilities("cuda")
+    logits = probs.cuda().log().repeat(200_000, 1)
     kept = sample_tokens(logits, 1.0, 0.7, torch.Generator("cuda").manual_seed(2))
     assert set(kept.tolist()) == {0, 1}
     assert (kept == 0).double().mean().item() == pytest.approx(0.5 / 0.8, abs=0.01)

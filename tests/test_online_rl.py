@@ -146,19 +146,30 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert set(sample_tokens(logits, 1.0, 1e-6, torch.Generator().manual_seed(0)).tolist()) == {0}
 
 
-def test_sampling_draws_each_token_with_its_probability():
-    """Inverse-CDF sampling: over 200,000 rows of probs [0.5, 0.3, 0.15, 0.05, 0], each token comes at its probability
-    (within 4 standard errors) and the token of probability 0 never; a fixed generator gives the same draws."""
+def assert_draws_follow_their_probabilities(device: str) -> torch.Tensor:
+    """Inverse-CDF sampling on ``device``: over 200,000 rows of probs [0.5, 0.3, 0.15, 0.05, 0], each token comes at
+    its probability (within 4 standard errors) and the token of probability 0 never; a fixed generator of that device
+    gives the same draws. Returns the probs (on the CPU)."""
     from sampling import sample_tokens
 
-    probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0], device=device)
     logits = probs.log().repeat(200_000, 1)  # log 0 = -inf
-    drawn = sample_tokens(logits, 1.0, 1.0, torch.Generator().manual_seed(1))
-    shares = torch.bincount(drawn, minlength=5).double() / len(drawn)
+    drawn = sample_tokens(logits, 1.0, 1.0, torch.Generator(device).manual_seed(1))
+    assert drawn.device == probs.device
+    probs = probs.cpu()
+    shares = torch.bincount(drawn, minlength=5).double().cpu() / len(drawn)
     tolerance = 4 * (probs * (1 - probs) / len(drawn)).sqrt().double()
     assert ((shares - probs.double()).abs() <= tolerance).all(), shares
     assert shares[4] == 0
-    assert torch.equal(drawn, sample_tokens(logits, 1.0, 1.0, torch.Generator().manual_seed(1)))
+    assert torch.equal(drawn, sample_tokens(logits, 1.0, 1.0, torch.Generator(device).manual_seed(1)))
+    return probs
+
+
+def test_sampling_draws_each_token_with_its_probability():
+    """On the CPU (``assert_draws_follow_their_probabilities``), and at temperature 2 too."""
+    from sampling import sample_tokens
+
+    probs = assert_draws_follow_their_probabilities("cpu")
     # temperature 2 flattens [0.5, 0.3, 0.15, 0.05] to sqrt(p) / sum(sqrt(p))
     flat = probs[:4].sqrt() / probs[:4].sqrt().sum()
     drawn = sample_tokens(probs[:4].log().repeat(200_000, 1), 2.0, 1.0, torch.Generator().manual_seed(2))
