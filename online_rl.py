@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from collate_functions import INVALID_PROMPT, SFTCollator, generation_prompt_ids
-from losses.logprobs import IGNORE_INDEX, token_logprobs
+from losses.logprobs import IGNORE_INDEX, shared_prompt_logprobs, shift_labels, token_logprobs
 from losses.rl import advantages, kl_estimate, policy_gradient_loss, zero_gradient_share
 from models import load_causal_lm, stop_token_ids
 from objectives import LossOutput, Objective, validate_answers
@@ -87,6 +87,7 @@ class Rollout:
     truncated: torch.Tensor  # (N,) bool: hit --max-new-tokens
     entropy: torch.Tensor  # (N,) mean entropy per answer token of the sampling distribution
     lengths: torch.Tensor  # (N,) answer tokens
+    prompt_lengths: torch.Tensor | None = None  # (N,) prompt tokens of each row, set where the prompt pass is shared
     old_logps: torch.Tensor | None = None  # (N, L-1) log-probs at the first update (--updates-per-rollout > 1)
     advantages: torch.Tensor | None = None  # (N,)
     uses: int = 0
@@ -157,6 +158,7 @@ class Rollouts:
         self.rewards = None
         self.kept: dict[tuple, Rollout] = {}
         self._written: set[str] = set()
+        self.share_prompt = shares_prompt_pass(self.cfg, module.model)
         use_vllm = self.cfg.rollout_engine == "vllm" or (self.cfg.rollout_engine == "auto" and vllm_usable())
         self.engine = VLLMEngine.load(self.cfg) if use_vllm else None  # None: sampling.PrefixSampler
         self._pending: tuple[list, Rollout] | None = None  # (dataset rows, rollout) drawn by ``prepare``
@@ -248,6 +250,8 @@ class Rollouts:
                           torch.tensor(combined, dtype=torch.float32, device=device).view(len(prompts), k), per_source,
                           texts, torch.tensor([a.finish == "length" for a in answers], device=device),
                           entropy.to(device), lengths.to(device))
+        if self.share_prompt:
+            rollout.prompt_lengths = torch.tensor([len(prompts[p]) for p in every], device=device)
         self.save(rollout, batch, every, training)
         return rollout
 
@@ -285,6 +289,47 @@ def answer_batch(prompts: list[list[int]], answers: list[list[int]], k: int, pad
     return batch["input_ids"], batch["attention_mask"], batch["labels"]
 
 
+def shares_prompt_pass(cfg, model) -> bool:
+    """Whether the training forward pass runs each prompt once (--share-prompt-pass, ``answer_logprobs``): not under
+    FSDP or DeepSpeed (the decoder runs twice in one forward pass), activation checkpointing (it turns the KV cache
+    off) or Transformer Engine FP8 (the batch width must stay a multiple of 8), nor for a model whose output head is
+    not a plain projection (``sampling.plain_head``)."""
+    from sampling import plain_head
+
+    return (cfg.share_prompt_pass and cfg.strategy not in ("fsdp", "deepspeed") and not cfg.activation_checkpointing
+            and sequence_multiple(cfg.precision) == 1 and plain_head(model) is not None)
+
+
+def answer_logprobs(model, r: Rollout, rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``token_logprobs`` of the rollout's rows ``rows``, in its (n, L-1) layout: log-probs (0 off the answers) and
+    the answer mask. The rows are cut to the longest of them (the rest of their width is the other rows' padding).
+    Where the rollout has ``prompt_lengths`` (``shares_prompt_pass``), each prompt runs once and its answers over its
+    KV cache (``losses.logprobs.shared_prompt_logprobs``); else each row runs whole."""
+    ids, attention, labels = r.input_ids[rows], r.attention_mask[rows], r.labels[rows]
+    full = ids.shape[1] - 1
+    width = int(attention.sum(-1).max())
+    ids, attention, labels = ids[:, :width], attention[:, :width], labels[:, :width]
+    if r.prompt_lengths is None:
+        logps, mask = token_logprobs(model, ids, attention, labels)
+    else:
+        _, mask = shift_labels(labels)
+        starts, lengths = r.prompt_lengths[rows], r.lengths[rows]
+        prompts, group = torch.unique(rows // k, return_inverse=True)
+        first = torch.zeros(len(prompts), dtype=torch.long, device=rows.device).scatter_(
+            0, group, torch.arange(len(rows), device=rows.device))  # a row of each prompt
+        prompt_width = int(starts.max())
+        prompt_mask = (torch.arange(prompt_width, device=ids.device) < starts[first, None]).long()  # (P, Lp)
+        offsets = torch.arange(int(lengths.max()), device=ids.device)
+        answer_mask = (offsets < lengths[:, None]).long()  # (n, A)
+        answer_ids = ids.gather(1, (starts[:, None] + offsets).clamp(max=width - 1)) * answer_mask
+        answer = shared_prompt_logprobs(model, ids[first, :prompt_width] * prompt_mask, prompt_mask, answer_ids,
+                                        answer_mask, group)  # (n, A)
+        logps = torch.zeros(mask.shape, dtype=answer.dtype, device=answer.device)
+        logps[mask] = answer[answer_mask.bool()]  # both hold each row's answer tokens in order
+    pad = full - logps.shape[1]
+    return torch.nn.functional.pad(logps, (0, pad)), torch.nn.functional.pad(mask, (0, pad))
+
+
 # ---- the loss ---------------------------------------------------------------------------------------------
 
 def rl_objective_loss(model, batch: dict, ref, rollouts: Rollouts, estimator: str, kl_coef: float, kl_estimator: str,
@@ -306,13 +351,13 @@ def rl_objective_loss(model, batch: dict, ref, rollouts: Rollouts, estimator: st
     if kl_coef == 0:
         active = rows[r.advantages != 0]
         trained, rows = len(active), active if len(active) else rows[:1]
-    logps, mask = token_logprobs(model, r.input_ids[rows], r.attention_mask[rows], r.labels[rows])  # with gradient
+    logps, mask = answer_logprobs(model, r, rows, k)  # with gradient
     mask = mask & answer[rows]
     metrics: dict[str, torch.Tensor] = {"trained_share": torch.tensor(trained / len(r.texts), dtype=torch.float32)}
     kl_tokens = None
     if kl_coef > 0:
         with torch.no_grad():
-            ref_logps, _ = token_logprobs(ref, r.input_ids, r.attention_mask, r.labels)
+            ref_logps, _ = answer_logprobs(ref, r, torch.arange(len(r.texts), device=r.labels.device), k)
         kl_tokens = kl_estimate(logps, ref_logps, kl_estimator) * mask  # (N, L-1)
         metrics["kl"] = kl_tokens.detach().sum() / mask.sum().clamp(min=1)
     if r.advantages is None:  # the first use of this rollout, with a KL term

@@ -29,16 +29,11 @@ from dataclasses import dataclass, field
 import torch
 
 import stopping
+from models import cache_kwarg, cache_rows
 
 # (rows still decoding, the token sampled for each, the step's logits (R, V)) -> per row the token to feed next,
 # or None when the row is finished.
 Choose = Callable[[list[int], list[int], torch.Tensor], list[int | None]]
-
-
-def cache_kwarg(model) -> str:
-    """The name a model's forward takes its KV cache by: ``cache`` from transformers 5.24 on (``past_key_values``
-    is deprecated there), ``past_key_values`` before."""
-    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
 
 def keeps_last_logits(model) -> dict:
@@ -101,14 +96,6 @@ def growing_cache():
     if getattr(cache, "layer_class_to_replicate", None) is DynamicLayer and hasattr(DynamicLayer, "lazy_initialization"):
         cache.layer_class_to_replicate = type("GrowingLayer", (_GrowingLayer, DynamicLayer), {})
     return cache  # a transformers whose cache is built otherwise keeps concatenating
-
-
-def cache_rows(cache, rows: torch.Tensor, out):
-    """The empty KV cache ``out``, filled with rows ``rows`` (with repeats) of ``cache``; ``cache`` itself is left as
-    it is."""
-    for layer_index, layer in enumerate(cache.layers):
-        out.update(layer.keys[rows], layer.values[rows], layer_index)
-    return out
 
 
 def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None

@@ -28,6 +28,9 @@ What differs (each is how the framework works, not a setting left unequal):
     until all are done, each token's forward pass replayed as one CUDA graph. TRL calls ``generate`` on P*K rows
     (each prompt K times, so K prefills) and rows that finished keep decoding padding until the longest answer of the
     batch ends.
+  - Training pass. Ours runs each prompt once and its answers over copies of its KV cache (train.py's
+    --share-prompt-pass, the default; --share-prompt-pass off here runs each answer whole); TRL runs prompt +
+    completion for every answer.
   - Answers with no gradient. Without a KL term ours skips the forward and backward pass of answers whose advantage is
     0 (all K rewards of their prompt equal; exact, their gradient is 0); TRL trains every answer. "answers in
     backward" shows the difference (ours keeps one row when no answer has a gradient); it depends on the policy's
@@ -148,6 +151,7 @@ def rl_config(args: argparse.Namespace, storage: str):
         "--max-new-tokens", str(args.max_new_tokens), "--temperature", str(TEMPERATURE), "--top-p", "1.0",
         "--reward", "math" if args.reward == "math" else "python:bench.rl_throughput:coin",
         "--kl-coef", "0", "--updates-per-rollout", "1", "--cuda-graphs" if args.cuda_graphs == "on" else "--no-cuda-graphs",
+        "--share-prompt-pass" if args.share_prompt_pass == "on" else "--no-share-prompt-pass",
         "--val-generate-samples", "0", "--num-sanity-val-steps", "0", "--no-verbose",
         "--storage-path", storage, "--name", "bench",
     ]
@@ -171,7 +175,7 @@ def measure_ours(args: argparse.Namespace) -> dict[str, Any]:
     clock = RLClock(args.device == "cuda", args.warmup_steps)
     # Timers around what Rollouts.sample calls (looked up at call time, so patching the class or module is enough).
     prefill, decode, score = sampling.PrefixSampler.__init__, sampling.PrefixSampler.sample, rewards.Rewards.__call__
-    logprobs = online_rl.token_logprobs
+    logprobs = online_rl.answer_logprobs
 
     def timed_prefill(self, model, prompts, *rest, **kwargs):
         with clock.part("generate"):
@@ -191,13 +195,13 @@ def measure_ours(args: argparse.Namespace) -> dict[str, Any]:
         with clock.part("reward"):
             return score(self, batch)
 
-    def counted_logprobs(model, input_ids, *rest, **kwargs):
+    def counted_logprobs(model, rollout, rows, *rest, **kwargs):
         if torch.is_grad_enabled():  # the policy's pass with gradient (one row stays when no answer has a gradient)
-            clock.backward(input_ids.shape[0])
-        return logprobs(model, input_ids, *rest, **kwargs)
+            clock.backward(len(rows))
+        return logprobs(model, rollout, rows, *rest, **kwargs)
 
     sampling.PrefixSampler.__init__, sampling.PrefixSampler.sample = timed_prefill, timed_decode
-    rewards.Rewards.__call__, online_rl.token_logprobs = timed_score, counted_logprobs
+    rewards.Rewards.__call__, online_rl.answer_logprobs = timed_score, counted_logprobs
 
     class Timer(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -392,6 +396,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="Default: cuda when available.")
     parser.add_argument("--cuda-graphs", choices=("on", "off"), default="on",
                         help="Ours on a GPU: decode rollouts as CUDA graphs or not (train.py's --[no-]cuda-graphs).")
+    parser.add_argument("--share-prompt-pass", choices=("on", "off"), default="on",
+                        help="Ours: the training pass runs each prompt once (train.py's --[no-]share-prompt-pass).")
     parser.add_argument("--out", default=None, help="Write the results as JSON to this file.")
     parser.add_argument("--only", choices=("ours", *(f"trl-{t}" for t in TRL_TRAINERS)), default=None,
                         help=argparse.SUPPRESS)  # the subprocesses

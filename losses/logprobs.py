@@ -82,3 +82,51 @@ def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
     logps = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
     logps[mask] = head_fn(head, selected, targets[mask])
     return logps, mask
+
+
+def shared_prompt_logprobs(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                           answer_ids: torch.Tensor, answer_mask: torch.Tensor, group: torch.Tensor,
+                           head_fn=None) -> torch.Tensor:
+    """Per-token log p(answer token | prompt, earlier answer tokens) of N answers to P prompts, each prompt run once.
+
+    ``token_logprobs`` over prompt + answer runs a prompt's tokens once per answer; online RL has K answers to each
+    prompt, and its prompts (SmolLM2's chat template with its system turn: 55-80 tokens) are longer than many answers.
+    Here the P prompts run through the decoder once and leave their KV cache; its rows are copied to the answers
+    (answer i reads prompt ``group[i]``'s), and the answers run over the copies. Answer token 0 is predicted by the
+    prompt's last position, token j > 0 by answer position j - 1. The copies are differentiable, so the gradient of
+    each answer's log-probs reaches the prompt's pass and the weights exactly as through the full sequence: the
+    log-probs and their gradients are ``token_logprobs``'s up to float rounding, for P prompt passes instead of N.
+    Right padding throughout (the prompts' padding sits between prompt and answer, masked), so no query row is fully
+    masked. Needs ``model.get_decoder()`` with a KV cache and a plain output head (``transforms_logits`` False).
+
+    Args:
+        prompt_ids, prompt_mask: (P, Lp) prompts, right-padded.
+        answer_ids, answer_mask: (N, A) answers, right-padded.
+        group: (N,) long, the prompt of each answer.
+        head_fn: as in ``token_logprobs``.
+
+    Returns:
+        (N, A) log-probabilities, 0 where ``answer_mask`` is 0.
+    """
+    from transformers import DynamicCache
+
+    from models import cache_kwarg, cache_rows
+
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    head_fn = head_fn or getattr(model, "logprob_head", head_logprobs)
+    kw = cache_kwarg(decoder)
+    prompt_lengths = prompt_mask.sum(-1)  # (P,)
+    positions = torch.arange(prompt_ids.shape[1], device=prompt_ids.device)
+    cache = DynamicCache()
+    prompt_hidden = decoder(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions.expand_as(prompt_ids),
+                            use_cache=True, **{kw: cache}).last_hidden_state  # (P, Lp, H)
+    last = prompt_hidden[torch.arange(len(prompt_ids), device=prompt_ids.device), prompt_lengths - 1]  # (P, H)
+    answer_positions = prompt_lengths[group, None] + torch.arange(answer_ids.shape[1], device=answer_ids.device)
+    hidden = decoder(input_ids=answer_ids, attention_mask=torch.cat([prompt_mask[group], answer_mask], 1),
+                     position_ids=answer_positions, use_cache=True,
+                     **{kw: cache_rows(cache, group, DynamicCache())}).last_hidden_state  # (N, A, H)
+    predictors = torch.cat([last[group, None], hidden[:, :-1]], 1)  # (N, A, H): the position before each token
+    selected = answer_mask.bool()
+    logps = torch.zeros(answer_ids.shape, dtype=torch.float32, device=answer_ids.device)
+    logps[selected] = head_fn(head, predictors[selected], answer_ids[selected])
+    return logps

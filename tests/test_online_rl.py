@@ -312,13 +312,17 @@ def test_windows_repeat_for_several_updates_per_rollout():
 
 # ---- the loss: gradient against REINFORCE by hand ---------------------------------------------------------
 
-def scripted_rollout(tokenizer, answers: list[str], rewards_: list[list[float]], k: int = 2) -> Rollout:
+def scripted_rollout(tokenizer, answers: list[str], rewards_: list[list[float]], k: int = 2, shared: bool = False
+                     ) -> Rollout:
+    """Two prompts of different lengths, K = ``k`` answers each; ``shared``: the loss runs each prompt once
+    (``prompt_lengths`` set, as ``Rollouts`` does under --share-prompt-pass)."""
     prompts = [tokenizer("Q: 1+1?")["input_ids"], tokenizer("Q: 2?")["input_ids"]]
     tokens = [tokenizer(a)["input_ids"] for a in answers]
     ids, attention, labels = answer_batch(prompts, tokens, k, tokenizer.pad_token_id)
     n = len(answers)
     return Rollout(ids, attention, labels, torch.tensor(rewards_), {"toy": [0.0] * n}, answers,
-                   torch.zeros(n, dtype=torch.bool), torch.zeros(n), torch.tensor([len(t) for t in tokens]))
+                   torch.zeros(n, dtype=torch.bool), torch.zeros(n), torch.tensor([len(t) for t in tokens]),
+                   prompt_lengths=torch.tensor([len(prompts[i // k]) for i in range(n)]) if shared else None)
 
 
 def naive_sequence_logps(model, rollout: Rollout) -> torch.Tensor:
@@ -343,17 +347,18 @@ def grads(model, loss: torch.Tensor) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["whole", "shared-prompt"])
 @pytest.mark.parametrize("normalization", ["sequence", "token", "constant"])
-def test_policy_gradient_equals_reinforce_by_hand(tiny_model_dir, char_tokenizer, normalization):
+def test_policy_gradient_equals_reinforce_by_hand(tiny_model_dir, char_tokenizer, normalization, shared):
     """P = 2 prompts, K = 2 answers. Rewards [[1, 0], [0.5, 0.5]]; RLOO by hand: A = r_i - r_other =
     [1, -1, 0, 0]. REINFORCE: grad of -(1/4) sum_i A_i log pi(y_i) (sequence), of -(1/N_tokens) sum_i A_i log pi(y_i)
     (token: one micro-batch), of -(1/(4 * 8)) sum_i A_i log pi(y_i) (constant, T_max = 8). The second prompt's equal
-    rewards give no gradient and are counted."""
+    rewards give no gradient and are counted. The same with each prompt run once (``shared``)."""
     from models import load_causal_lm
 
     model = load_causal_lm(str(tiny_model_dir))
     answers = ["2", "3!", "yes", "no"]
-    rollout = scripted_rollout(char_tokenizer, answers, [[1.0, 0.0], [0.5, 0.5]])
+    rollout = scripted_rollout(char_tokenizer, answers, [[1.0, 0.0], [0.5, 0.5]], shared=shared)
     loss, metrics = loss_of(model, rollout, normalization=normalization)
     ours = grads(model, loss)
     assert rollout.advantages.tolist() == [1.0, -1.0, 0.0, 0.0]
@@ -366,7 +371,59 @@ def test_policy_gradient_equals_reinforce_by_hand(tiny_model_dir, char_tokenizer
         torch.testing.assert_close(ours[name], by_hand[name], rtol=1e-4, atol=1e-7, msg=name)
 
 
-def test_kl_is_zero_when_the_policy_is_the_reference(tiny_model_dir, char_tokenizer):
+def test_each_prompt_run_once_gives_each_sequences_logprobs_and_gradients(tiny_model_dir):
+    """3 prompts of 3, 6 and 4 tokens; answers of 1, 4, 2 and 3 tokens to prompts 1, 0, 1, 2 (prompt 0 has one answer,
+    prompt 1 two, out of order). Each prompt runs once, its cache copied to its answers; against each prompt + answer
+    run alone, unpadded, through the full forward pass: the same log-probs, and the same gradient of
+    sum_i w_i log pi(answer token) for random weights w."""
+    from losses.logprobs import shared_prompt_logprobs
+    from models import load_causal_lm
+
+    model = load_causal_lm(str(tiny_model_dir))
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(4, 90, (n,), generator=g).tolist() for n in (3, 6, 4)]
+    answers = [torch.randint(4, 90, (n,), generator=g).tolist() for n in (1, 4, 2, 3)]
+    group = torch.tensor([1, 0, 1, 2])
+    prompt_ids = torch.tensor([p + [0] * (6 - len(p)) for p in prompts])
+    prompt_mask = torch.tensor([[1] * len(p) + [0] * (6 - len(p)) for p in prompts])
+    answer_ids = torch.tensor([a + [0] * (4 - len(a)) for a in answers])
+    answer_mask = torch.tensor([[1] * len(a) + [0] * (4 - len(a)) for a in answers])
+    weights = torch.rand(4, 4, generator=g) * answer_mask
+
+    logps = shared_prompt_logprobs(model, prompt_ids, prompt_mask, answer_ids, answer_mask, group)
+    ours = grads(model, (weights * logps).sum())
+    naive = torch.zeros(4, 4)
+    for i, answer in enumerate(answers):
+        prompt = prompts[group[i]]
+        ids = torch.tensor([prompt + answer])
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)  # (T, V)
+        for j, token in enumerate(answer):
+            naive[i, j] = logp[len(prompt) - 1 + j, token]
+    by_hand = grads(model, (weights * naive).sum())
+    torch.testing.assert_close(logps.detach(), naive.detach(), rtol=1e-5, atol=1e-5)
+    assert (logps[answer_mask == 0] == 0).all()
+    assert ours.keys() == by_hand.keys()
+    for name in ours:
+        torch.testing.assert_close(ours[name], by_hand[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_prompt_pass_is_shared_only_where_it_can_be(tiny_model_dir):
+    """On by default for a plain decoder; off with --no-share-prompt-pass, under FSDP or DeepSpeed, with activation
+    checkpointing or Transformer Engine FP8."""
+    from types import SimpleNamespace
+
+    from models import load_causal_lm
+
+    model = load_causal_lm(str(tiny_model_dir))
+    plain = {"share_prompt_pass": True, "strategy": "auto", "activation_checkpointing": False, "precision": "32"}
+    assert online_rl.shares_prompt_pass(SimpleNamespace(**plain), model)
+    for change in [{"share_prompt_pass": False}, {"strategy": "fsdp"}, {"strategy": "deepspeed"},
+                   {"activation_checkpointing": True}, {"precision": "transformer-engine"}]:
+        assert not online_rl.shares_prompt_pass(SimpleNamespace(**{**plain, **change}), model), change
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["whole", "shared-prompt"])
+def test_kl_is_zero_when_the_policy_is_the_reference(tiny_model_dir, char_tokenizer, shared):
     """Reference = a copy of the policy: k1, k2 and k3 are 0 at every token, and the KL term changes neither the
     advantages (in the reward) nor the gradient (k3 in the loss: d/dtheta [(r - 1) - log r] = 0 at r = 1)."""
     from models import load_causal_lm
@@ -375,7 +432,7 @@ def test_kl_is_zero_when_the_policy_is_the_reference(tiny_model_dir, char_tokeni
     plain_loss, _ = loss_of(model, scripted_rollout(char_tokenizer, ["2", "3", "4", "5"], [[1.0, 0.0], [0.0, 1.0]]))
     plain = grads(model, plain_loss)
     for estimator, placement in [("k1", "reward"), ("k2", "reward"), ("k3", "loss")]:
-        rollout = scripted_rollout(char_tokenizer, ["2", "3", "4", "5"], [[1.0, 0.0], [0.0, 1.0]])
+        rollout = scripted_rollout(char_tokenizer, ["2", "3", "4", "5"], [[1.0, 0.0], [0.0, 1.0]], shared=shared)
         loss, metrics = loss_of(model, rollout, ref, kl_coef=0.5, kl_estimator=estimator, kl_placement=placement)
         assert metrics["kl"].item() == pytest.approx(0.0, abs=1e-6)
         assert rollout.advantages.tolist() == [1.0, -1.0, -1.0, 1.0]
@@ -392,7 +449,7 @@ def test_a_kl_penalty_in_the_reward_lowers_the_advantage_of_the_answer_that_drif
     with torch.no_grad():
         for p in ref.parameters():
             p.add_(0.05 * torch.randn_like(p, generator=torch.Generator().manual_seed(1)))
-    rollout = scripted_rollout(char_tokenizer, ["2", "33", "4", "5"], [[1.0, 0.0], [0.0, 0.0]])
+    rollout = scripted_rollout(char_tokenizer, ["2", "33", "4", "5"], [[1.0, 0.0], [0.0, 0.0]], shared=True)
     loss_of(model, rollout, ref, kl_coef=0.1, kl_estimator="k1", kl_placement="reward")
     kl = (naive_sequence_logps(model, rollout) - naive_sequence_logps(ref, rollout)).detach().view(2, 2)
     shaped = torch.tensor([[1.0, 0.0], [0.0, 0.0]]) - 0.1 * kl
