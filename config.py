@@ -190,7 +190,9 @@ class TrainConfig:
         True, "Online RL: the training forward pass runs each prompt once and its K answers over its KV cache (the "
         "same log-probs and gradients up to float rounding; on 2 CPU cores its training pass took 0.55x the time and "
         "0.63x the peak memory, docs/online-rl.md). --no-share-prompt-pass: each answer with its prompt, as one "
-        "sequence. Off by itself under FSDP, DeepSpeed, --activation-checkpointing and Transformer Engine FP8.")
+        "sequence. Off by itself under FSDP, DeepSpeed, --activation-checkpointing and Transformer Engine FP8, and for "
+        "models it would not read exactly (a sliding window shorter than --max-length + --max-new-tokens, chunked "
+        "attention, logits transformed after the output head).")
     truncated_answers: str = _f(
         "reward", "Online RL: answers that hit --max-new-tokens are rewarded like the others, or masked out of the "
         "loss (counted either way).", choices=("reward", "mask"))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import inspect
 import logging
 import os
 import shutil
@@ -208,20 +207,6 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
         ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
         mask[row, width - len(p):] = 1
     return ids, mask
-
-
-def cache_kwarg(model) -> str:
-    """The name a model's forward takes its KV cache by: ``cache`` from transformers 5.24 on (``past_key_values``
-    is deprecated there), ``past_key_values`` before."""
-    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
-
-
-def cache_rows(cache, rows: torch.Tensor, out):
-    """The empty KV cache ``out``, filled with rows ``rows`` (with repeats) of ``cache``; ``cache`` itself is left as
-    it is."""
-    for layer_index, layer in enumerate(cache.layers):
-        out.update(layer.keys[rows], layer.values[rows], layer_index)
-    return out
 
 
 def stop_token_ids(tokenizer) -> set[int]:

@@ -20,6 +20,8 @@ Each training step, for a micro-batch of P prompts:
        token:     (1 / sum_i |y_i|) sum_i sum_t l_it            DAPO's token mean, over the micro-batch's tokens
 
    The module averages the micro-batches of an accumulation window over their prompts (units: one per prompt).
+   The pass with gradient runs each prompt once and its answers over its KV cache (``answer_logprobs``,
+   --share-prompt-pass).
 
 Every rollout, with its rewards per source, is written to ``<run>/rollouts/step-N.jsonl`` (validation:
 ``val-step-N.jsonl``). Every rank's sampler state is saved in checkpoints, so a resumed run draws the same rollouts.
@@ -32,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from collate_functions import INVALID_PROMPT, SFTCollator, generation_prompt_ids
-from losses.logprobs import IGNORE_INDEX, shared_prompt_logprobs, shift_labels, token_logprobs
+from losses.logprobs import IGNORE_INDEX, shared_prompt_exact, shared_prompt_logprobs, shift_labels, token_logprobs
 from losses.rl import advantages, kl_estimate, policy_gradient_loss, zero_gradient_share
 from models import load_causal_lm, stop_token_ids
 from objectives import LossOutput, Objective, validate_answers
@@ -292,28 +294,30 @@ def answer_batch(prompts: list[list[int]], answers: list[list[int]], k: int, pad
 def shares_prompt_pass(cfg, model) -> bool:
     """Whether the training forward pass runs each prompt once (--share-prompt-pass, ``answer_logprobs``): not under
     FSDP or DeepSpeed (the decoder runs twice in one forward pass), activation checkpointing (it turns the KV cache
-    off) or Transformer Engine FP8 (the batch width must stay a multiple of 8), nor for a model whose output head is
-    not a plain projection (``sampling.plain_head``)."""
-    from sampling import plain_head
-
+    off) or Transformer Engine FP8 (the batch width must stay a multiple of 8), nor for a model it would not read
+    exactly (``losses.logprobs.shared_prompt_exact``, at --max-length + --max-new-tokens)."""
     return (cfg.share_prompt_pass and cfg.strategy not in ("fsdp", "deepspeed") and not cfg.activation_checkpointing
-            and sequence_multiple(cfg.precision) == 1 and plain_head(model) is not None)
+            and sequence_multiple(cfg.precision) == 1 and shared_prompt_exact(model, cfg.max_length + cfg.max_new_tokens))
 
 
-def answer_logprobs(model, r: Rollout, rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def answer_logprobs(model, r: Rollout, rows: torch.Tensor, k: int, share: bool = True
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """``token_logprobs`` of the rollout's rows ``rows``, in its (n, L-1) layout: log-probs (0 off the answers) and
     the answer mask. The rows are cut to the longest of them (the rest of their width is the other rows' padding).
-    Where the rollout has ``prompt_lengths`` (``shares_prompt_pass``), each prompt runs once and its answers over its
-    KV cache (``losses.logprobs.shared_prompt_logprobs``); else each row runs whole."""
+    Where ``share``, the rollout has ``prompt_lengths`` (``shares_prompt_pass``) and ``model`` is read exactly that
+    way (``losses.logprobs.shared_prompt_exact``: the frozen reference is checked too), each prompt runs once and its
+    answers over its KV cache (``losses.logprobs.shared_prompt_logprobs``); else each row runs whole."""
     ids, attention, labels = r.input_ids[rows], r.attention_mask[rows], r.labels[rows]
     full = ids.shape[1] - 1
     width = int(attention.sum(-1).max())
     ids, attention, labels = ids[:, :width], attention[:, :width], labels[:, :width]
-    if r.prompt_lengths is None:
+    starts = lengths = None
+    if share and r.prompt_lengths is not None:
+        starts, lengths = r.prompt_lengths[rows], r.lengths[rows]
+    if starts is None or int(lengths.max()) == 0 or not shared_prompt_exact(model, int(starts.max() + lengths.max())):
         logps, mask = token_logprobs(model, ids, attention, labels)
     else:
         _, mask = shift_labels(labels)
-        starts, lengths = r.prompt_lengths[rows], r.lengths[rows]
         prompts, group = torch.unique(rows // k, return_inverse=True)
         first = torch.zeros(len(prompts), dtype=torch.long, device=rows.device).scatter_(
             0, group, torch.arange(len(rows), device=rows.device))  # a row of each prompt
@@ -351,13 +355,14 @@ def rl_objective_loss(model, batch: dict, ref, rollouts: Rollouts, estimator: st
     if kl_coef == 0:
         active = rows[r.advantages != 0]
         trained, rows = len(active), active if len(active) else rows[:1]
-    logps, mask = answer_logprobs(model, r, rows, k)  # with gradient
+    share = getattr(rollouts, "share_prompt", True)  # off since the kept rollouts were saved: each row whole
+    logps, mask = answer_logprobs(model, r, rows, k, share)  # with gradient
     mask = mask & answer[rows]
     metrics: dict[str, torch.Tensor] = {"trained_share": torch.tensor(trained / len(r.texts), dtype=torch.float32)}
     kl_tokens = None
     if kl_coef > 0:
         with torch.no_grad():
-            ref_logps, _ = answer_logprobs(ref, r, torch.arange(len(r.texts), device=r.labels.device), k)
+            ref_logps, _ = answer_logprobs(ref, r, torch.arange(len(r.texts), device=r.labels.device), k, share)
         kl_tokens = kl_estimate(logps, ref_logps, kl_estimator) * mask  # (N, L-1)
         metrics["kl"] = kl_tokens.detach().sum() / mask.sum().clamp(min=1)
     if r.advantages is None:  # the first use of this rollout, with a KL term

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 import stopping
-from models import cache_kwarg, cache_rows
+from losses.logprobs import cache_kwarg, cache_rows
 
 # (rows still decoding, the token sampled for each, the step's logits (R, V)) -> per row the token to feed next,
 # or None when the row is finished.

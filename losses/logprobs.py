@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 
@@ -84,6 +86,41 @@ def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
     return logps, mask
 
 
+def cache_kwarg(model) -> str:
+    """The name a model's forward takes its KV cache by: ``cache`` from transformers 5.24 on (``past_key_values``
+    is deprecated there), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
+def cache_rows(cache, rows: torch.Tensor, out):
+    """The empty KV cache ``out``, filled with rows ``rows`` (with repeats) of ``cache``; ``cache`` itself is left as
+    it is."""
+    for layer_index, layer in enumerate(cache.layers):
+        out.update(layer.keys[rows], layer.values[rows], layer_index)
+    return out
+
+
+def shared_prompt_exact(model: torch.nn.Module, width: int | None = None) -> bool:
+    """Whether ``shared_prompt_logprobs`` reads ``model``'s ``token_logprobs`` numbers (up to float rounding) for
+    prompt + answer widths up to ``width`` (None: any): a decoder and an output head applied as is
+    (``transforms_logits`` False), every layer full causal attention. A sliding-window layer counts the prompt's
+    padding between prompt and answer as distance, so it is exact only where the window covers ``width``; chunked,
+    linear or recurrent layers never are."""
+    if getattr(model, "get_output_embeddings", lambda: None)() is None or not hasattr(model, "get_decoder"):
+        return False
+    if transforms_logits(model):
+        return False
+    config = model.config
+    if getattr(config, "attention_chunk_size", None):
+        return False
+    layer_types = set(getattr(config, "layer_types", None) or ())
+    if not layer_types <= {"full_attention", "sliding_attention"}:
+        return False
+    window = getattr(config, "sliding_window", None)
+    windowed = "sliding_attention" in layer_types or (not layer_types and window and getattr(config, "use_sliding_window", True))
+    return not windowed or (width is not None and window is not None and width <= window)
+
+
 def shared_prompt_logprobs(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                            answer_ids: torch.Tensor, answer_mask: torch.Tensor, group: torch.Tensor,
                            head_fn=None) -> torch.Tensor:
@@ -97,7 +134,7 @@ def shared_prompt_logprobs(model: torch.nn.Module, prompt_ids: torch.Tensor, pro
     each answer's log-probs reaches the prompt's pass and the weights exactly as through the full sequence: the
     log-probs and their gradients are ``token_logprobs``'s up to float rounding, for P prompt passes instead of N.
     Right padding throughout (the prompts' padding sits between prompt and answer, masked), so no query row is fully
-    masked. Needs ``model.get_decoder()`` with a KV cache and a plain output head (``transforms_logits`` False).
+    masked. For the models ``shared_prompt_exact`` accepts.
 
     Args:
         prompt_ids, prompt_mask: (P, Lp) prompts, right-padded.
@@ -110,8 +147,6 @@ def shared_prompt_logprobs(model: torch.nn.Module, prompt_ids: torch.Tensor, pro
     """
     from transformers import DynamicCache
 
-    from models import cache_kwarg, cache_rows
-
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     head_fn = head_fn or getattr(model, "logprob_head", head_logprobs)
     kw = cache_kwarg(decoder)
@@ -120,6 +155,9 @@ def shared_prompt_logprobs(model: torch.nn.Module, prompt_ids: torch.Tensor, pro
     cache = DynamicCache()
     prompt_hidden = decoder(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions.expand_as(prompt_ids),
                             use_cache=True, **{kw: cache}).last_hidden_state  # (P, Lp, H)
+    if cache.get_seq_length() != prompt_ids.shape[1]:
+        raise RuntimeError("the decoder left no KV cache of the prompts (activation checkpointing turns it off), so "
+                           "they cannot be run once for all their answers: train with --no-share-prompt-pass")
     last = prompt_hidden[torch.arange(len(prompt_ids), device=prompt_ids.device), prompt_lengths - 1]  # (P, H)
     answer_positions = prompt_lengths[group, None] + torch.arange(answer_ids.shape[1], device=answer_ids.device)
     hidden = decoder(input_ids=answer_ids, attention_mask=torch.cat([prompt_mask[group], answer_mask], 1),

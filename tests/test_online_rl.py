@@ -407,19 +407,87 @@ def test_each_prompt_run_once_gives_each_sequences_logprobs_and_gradients(tiny_m
         torch.testing.assert_close(ours[name], by_hand[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_answer_logprobs_of_rows_of_several_prompts_match_each_row_run_whole(tiny_model_dir, char_tokenizer):
+    """K = 3 answers to 3 prompts of different lengths; rows 1, 3, 4 and 8 train (prompt 0 with one answer, prompt 1
+    with two, prompt 2 with one of length 1), narrower than the rollout. Each prompt run once gives the log-probs,
+    mask and gradient of each row run whole, in the rollout's (n, L-1) layout."""
+    from models import load_causal_lm
+
+    model = load_causal_lm(str(tiny_model_dir))
+    prompts = [char_tokenizer(q)["input_ids"] for q in ("Q: 1+1?", "Q: 2?", "Q: what is 3+4?")]
+    answers = ["2", "two!", "3", "no", "yes", "7", "a longer answer", "77", "7"]
+    tokens = [char_tokenizer(a)["input_ids"] for a in answers]
+    ids, attention, labels = answer_batch(prompts, tokens, 3, char_tokenizer.pad_token_id)
+    rollout = Rollout(ids, attention, labels, torch.zeros(3, 3), {}, answers, torch.zeros(9, dtype=torch.bool),
+                      torch.zeros(9), torch.tensor([len(t) for t in tokens]),
+                      prompt_lengths=torch.tensor([len(prompts[i // 3]) for i in range(9)]))
+    rows = torch.tensor([1, 3, 4, 8])
+    weights = torch.rand(4, ids.shape[1] - 1, generator=torch.Generator().manual_seed(0))
+    shared, shared_mask = online_rl.answer_logprobs(model, rollout, rows, 3)
+    shared_grads = grads(model, (weights * shared).sum())
+    whole, whole_mask = online_rl.answer_logprobs(model, rollout, rows, 3, share=False)
+    whole_grads = grads(model, (weights * whole).sum())
+    assert shared.shape == whole.shape == (4, ids.shape[1] - 1)
+    assert torch.equal(shared_mask, whole_mask) and torch.equal(shared_mask, labels[rows, 1:] != -100)
+    torch.testing.assert_close(shared.detach(), whole.detach(), rtol=1e-5, atol=1e-5)
+    assert (shared[~shared_mask] == 0).all()
+    for name in whole_grads:
+        torch.testing.assert_close(shared_grads[name], whole_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_only_models_read_exactly_share_the_prompt_pass(tiny_model_dir):
+    """Full attention: any width. A sliding window counts the padding between prompt and answer as distance: exact
+    only where it covers the width. Chunked attention and other layer kinds: never."""
+    from losses.logprobs import shared_prompt_exact
+    from models import load_causal_lm
+
+    model = load_causal_lm(str(tiny_model_dir))
+    assert shared_prompt_exact(model) and shared_prompt_exact(model, 10_000)
+    model.config.sliding_window = 64  # a Mistral-style window on every layer
+    assert shared_prompt_exact(model, 64) and not shared_prompt_exact(model, 65) and not shared_prompt_exact(model)
+    model.config.use_sliding_window = False  # Qwen2's switch: the window is not used
+    assert shared_prompt_exact(model, 10_000)
+    model.config.sliding_window, model.config.use_sliding_window = None, True
+    model.config.layer_types = ["full_attention", "sliding_attention"]
+    assert not shared_prompt_exact(model, 8)  # a sliding layer without a window size
+    model.config.sliding_window = 16
+    assert shared_prompt_exact(model, 16) and not shared_prompt_exact(model, 17)
+    model.config.layer_types = ["full_attention", "linear_attention"]
+    assert not shared_prompt_exact(model, 8)
+    model.config.layer_types, model.config.attention_chunk_size = ["full_attention"] * 2, 8
+    assert not shared_prompt_exact(model, 8)
+
+
+def test_a_decoder_that_keeps_no_cache_is_a_clear_error(tiny_model_dir):
+    """Activation checkpointing turns transformers' KV cache off in training: the shared pass would run the answers
+    without their prompt, so it stops and names the flag instead."""
+    from losses.logprobs import shared_prompt_logprobs
+    from models import load_causal_lm
+
+    model = load_causal_lm(str(tiny_model_dir))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    ones = torch.ones(1, 3, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="--no-share-prompt-pass"):
+        shared_prompt_logprobs(model, ones * 5, ones, ones * 6, ones, torch.tensor([0]))
+
+
 def test_the_prompt_pass_is_shared_only_where_it_can_be(tiny_model_dir):
     """On by default for a plain decoder; off with --no-share-prompt-pass, under FSDP or DeepSpeed, with activation
-    checkpointing or Transformer Engine FP8."""
+    checkpointing or Transformer Engine FP8, and for a model the shared pass would not read exactly."""
     from types import SimpleNamespace
 
     from models import load_causal_lm
 
     model = load_causal_lm(str(tiny_model_dir))
-    plain = {"share_prompt_pass": True, "strategy": "auto", "activation_checkpointing": False, "precision": "32"}
+    plain = {"share_prompt_pass": True, "strategy": "auto", "activation_checkpointing": False, "precision": "32",
+             "max_length": 256, "max_new_tokens": 96}
     assert online_rl.shares_prompt_pass(SimpleNamespace(**plain), model)
     for change in [{"share_prompt_pass": False}, {"strategy": "fsdp"}, {"strategy": "deepspeed"},
                    {"activation_checkpointing": True}, {"precision": "transformer-engine"}]:
         assert not online_rl.shares_prompt_pass(SimpleNamespace(**{**plain, **change}), model), change
+    model.config.sliding_window = 256  # a window shorter than a prompt of --max-length plus its answer
+    assert not online_rl.shares_prompt_pass(SimpleNamespace(**plain), model)
 
 
 @pytest.mark.parametrize("shared", [False, True], ids=["whole", "shared-prompt"])
@@ -794,7 +862,8 @@ def test_kept_rollouts_go_into_the_checkpoint_on_the_cpu_and_come_back_whole():
 
     rollout = Rollout(torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.long),
                       torch.full((2, 3), -100), torch.tensor([[1.0, 0.0]]), {"math": [1.0, 0.0]}, ["a", "b"],
-                      torch.tensor([False, True]), torch.tensor([0.5, 0.25]), torch.tensor([2, 3]), uses=1)
+                      torch.tensor([False, True]), torch.tensor([0.5, 0.25]), torch.tensor([2, 3]),
+                      prompt_lengths=torch.tensor([1, 1]), uses=1)
     state = {"generator": torch.Generator().manual_seed(3).get_state(), "kept": {(0,): vars(rollout.to("cpu"))}}
     owner = SimpleNamespace(cfg=SimpleNamespace(rollout_engine="hf"), tokenizer=None)
     rollouts = online_rl.Rollouts.__new__(online_rl.Rollouts)
