@@ -355,7 +355,8 @@ def rl_objective_loss(model, batch: dict, ref, rollouts: Rollouts, estimator: st
     if kl_coef == 0:
         active = rows[r.advantages != 0]
         trained, rows = len(active), active if len(active) else rows[:1]
-    share = getattr(rollouts, "share_prompt", True)  # off since the kept rollouts were saved: each row whole
+    # This run's setting: a kept rollout restored from a checkpoint may carry prompt_lengths from a run that shared.
+    share = getattr(rollouts, "share_prompt", True)  # (tests pass a plain callable as ``rollouts``)
     logps, mask = answer_logprobs(model, r, rows, k, share)  # with gradient
     mask = mask & answer[rows]
     metrics: dict[str, torch.Tensor] = {"trained_share": torch.tensor(trained / len(r.texts), dtype=torch.float32)}
