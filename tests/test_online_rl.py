@@ -232,6 +232,32 @@ def test_the_sampler_bench_counts_what_it_sampled(tiny_model_dir):
     assert all(0 < line["tokens"] <= line["rows"] * 3 and line["tokens_per_s"] > 0 for line in lines)
 
 
+def test_the_int8_sampler_bench_quantises_what_it_says_and_measures_the_gap(tiny_model_dir):
+    """bench/int8_sampler.py on the tiny model: int8-decoder keeps the fp32 output head (the sampler's fast head path)
+    and quantises every decoder linear layer; the log-prob gap of a model against itself is 0; each variant reports."""
+    import torch
+
+    from bench import int8_sampler
+    from models import load_causal_lm
+    from sampling import plain_head
+
+    model = load_causal_lm(str(tiny_model_dir)).eval()
+    decoder_only = int8_sampler.quantized(model, "int8-decoder")
+    assert plain_head(decoder_only) is not None and not any(
+        type(m) is torch.nn.Linear for m in decoder_only.get_decoder().modules())
+    assert plain_head(int8_sampler.quantized(model, "int8-all")) is None
+    assert int8_sampler.quantized(model, "fp32") is model and type(model.get_decoder().layers[0].mlp.up_proj) is torch.nn.Linear
+    prompts, answers = [[5, 6, 7], [8, 9]], [[10, 11], [12], [13, 14, 15], [16]]
+    same = int8_sampler.answer_logprobs(model, prompts, answers, 2, 0)
+    assert same.shape == (7,) and torch.equal(same - int8_sampler.answer_logprobs(model, prompts, answers, 2, 0),
+                                              torch.zeros(7))
+    lines = int8_sampler.main(["--model-name", str(tiny_model_dir), "--prompts", "2", "--num-generations", "2",
+                               "--max-new-tokens", "3"])
+    assert [line["variant"] for line in lines] == ["fp32", "int8-all", "int8-decoder"]
+    assert all(0 < line["tokens"] <= 2 * 2 * 3 and 0 <= line["right"] <= 1 for line in lines)
+    assert all(line["mean_abs_logprob_gap"] >= 0 and 0 <= line["ratio_outside_half_to_2"] <= 1 for line in lines[1:])
+
+
 def test_answers_stop_at_a_stop_token_or_the_budget_and_share_one_prefill(tiny_model_dir, char_tokenizer):
     from models import load_causal_lm
     from sampling import PrefixSampler
