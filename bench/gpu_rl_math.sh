@@ -49,14 +49,15 @@ echo "$(cat .gpu/gguf.sha256)  $gguf" | sha256sum -c 2>&1 | tee -a "$log" || exi
 export POSTTRAIN_CACHE=/tmp/cache
 runs=/tmp/runs
 rm -rf "$runs"
+mkdir -p "$runs/logs"  # each run's log, in runs.tar.gz: $OUT sends back at most 8 files
 read -r -a sft_args <<< "${SFT_ARGS:-}"
 read -r -a rl_args <<< "${RL_ARGS:-}"
 
 step "1. SFT: the README's main job (configs/sft-smollm2-math.yaml) on the GPU"
 timeout 180 python3 train.py --config configs/sft-smollm2-math.yaml --storage-path "$runs" --no-eval-before-training \
-  --no-verbose "${sft_args[@]}" > "$OUT/sft.log" 2>&1
-grep -E "after training|final model" "$OUT/sft.log" | tee -a "$log"
-[ -f "$runs/sft-smollm2-math/final_model/config.json" ] || { tail -20 "$OUT/sft.log" | tee -a "$log"; exit 1; }
+  --no-verbose "${sft_args[@]}" > "$runs/logs/sft.log" 2>&1
+grep -E "after training|final model" "$runs/logs/sft.log" | tee -a "$log"
+[ -f "$runs/sft-smollm2-math/final_model/config.json" ] || { tail -20 "$runs/logs/sft.log" | tee -a "$log"; exit 1; }
 
 heldout() {  # greedy answers of model $1 (a run name) on the held-out problems, then math-verify's accuracy
   python3 inference.py --model-name "$runs/$1/final_model" --prompts "$runs/heldout/problems.jsonl" \
@@ -83,12 +84,12 @@ for spec in "${specs[@]}"; do
   timeout 420 python3 train.py --config configs/rloo-smollm2-math.yaml --model-name "$runs/sft-smollm2-math/final_model" \
     --storage-path "$runs" --name "rloo-gpu-$tag" --seed "$seed" --lr "$lr" --accumulate-grad-batches 2 --max-steps 150 \
     --checkpoint-every-n-steps 1000 --max-time-minutes "${RL_MINUTES:-4}" --no-verbose "${recipe[@]}" "${own[@]}" \
-    "${rl_args[@]}" > "$OUT/rloo-gpu-$tag.log" 2>&1 &
+    "${rl_args[@]}" > "$runs/logs/rloo-gpu-$tag.log" 2>&1 &
 done
 wait
 tags=$(for spec in "${specs[@]}"; do echo "${spec%% *}"; done)
 for tag in $tags; do
-  echo "rloo-gpu-$tag: $(grep -E "after training" "$OUT/rloo-gpu-$tag.log" | tail -1)" | tee -a "$log"
+  echo "rloo-gpu-$tag: $(grep -E "after training" "$runs/logs/rloo-gpu-$tag.log" | tail -1)" | tee -a "$log"
   python3 -c "import csv, glob
 rows = [r for f in glob.glob('$runs/rloo-gpu-$tag/csv/version_*/metrics.csv') for r in csv.DictReader(open(f)) if r.get('train/reward')]
 print('  steps', len(rows), 'reward first/last 10:', *(round(sum(float(r['train/reward']) for r in part) / max(len(part), 1), 3)
