@@ -101,7 +101,12 @@ class TrainConfig:
     accumulate_grad_batches: int = _f(1, "Micro-batches per optimizer step.")
     lr: float = _f(1e-5, "Peak learning rate of AdamW.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
-    warmup_steps: int = _f(0, "Linear warmup steps before the cosine decay.")
+    warmup_steps: int = _f(
+        0,
+        "Linear warmup steps before the cosine decay. The decay lasts the rest of the whole training as the trainer "
+        "counts it: the epochs' optimizer steps or --max-steps, whichever ends first (--max-time-minutes does not "
+        "shorten it, so a run the time limit stops ends partway down).",
+    )
     min_lr_ratio: float = _f(0.0, "The cosine decay ends at this fraction of --lr.")
     gradient_clip_val: float = _f(1.0, "Clip the gradient norm to this value (0 disables).")
     precision: str = _f("32", "Numeric precision of training.", choices=PRECISIONS)
