@@ -72,11 +72,12 @@ python3 -c "import json, synthetic_math as s; open('$runs/heldout/problems.jsonl
 # Runs of the README config with RECIPE's flags (by default a GPU's answers: 16 prompts x K = 8 a step, two
 # micro-batches of 8 prompts), up to 150 steps or the time limit or the end of the problems, seed 7's, 11's or 13's
 # problems (2,600 of any of these streams share no question with the held-out problems, and at most 2 with SFT's),
-# the learning rate and flags each run names. Each run's wall clock: its minutes of training (--max-time-minutes)
-# plus loading and the final validation.
+# the learning rate and flags each run names. The cosine decay lasts the shorter of 150 steps and one pass over the
+# problems (not the time limit). Each run's wall clock: its minutes of training (--max-time-minutes) plus loading and
+# the final validation.
 step "2. SFT on the held-out problems, and the RLOO runs side by side (up to ${RL_MINUTES:-4} min of training each)"
 heldout sft-smollm2-math &
-IFS=, read -r -a specs <<< "${RUNS:-a 7 5e-6,b 11 5e-6,c 7 1e-5}"  # tag seed lr, one run each
+IFS=, read -r -a specs <<< "${RUNS:-a 7 5e-6,b 11 5e-6,c 7 1e-5}"  # tag seed lr [flags], one run each
 read -r -a recipe <<< "${RECIPE:---batch-size 8 --num-generations 8 --train-dataset-length 2400 --warmup-steps 10}"
 for spec in "${specs[@]}"; do
   read -r tag seed lr flags <<< "$spec"
