@@ -27,10 +27,7 @@ mkdir -p "$stash"
 if [ "$phase" = tests ]; then
   cp .gpu/gguf.part1 "$stash/" && echo "kept part 1 of the GGUF in $stash" | tee -a "$log"
   step "0. machine and versions"
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee -a "$log"
-  python3 -c "import torch, transformers, pytorch_lightning, datasets, math_verify, gguf
-print('torch', torch.__version__, 'transformers', transformers.__version__, 'pytorch_lightning', pytorch_lightning.__version__,
-      'datasets', datasets.__version__)" 2>&1 | tail -2 | tee -a "$log"
+  versions torch transformers pytorch_lightning datasets math_verify gguf
   [ "${GPU_TESTS:-1}" = 0 ] && { step "done (GPU_TESTS=0: no tests)"; exit 0; }
   step "1. the GPU tests: sampling and CUDA-graph decoding (RL and verifier), online RL learns and resumes there"
   timeout 240 python3 -m pytest -q -m gpu tests/test_gpu.py -k "not fp8" -p no:cacheprovider -rs 2>&1 \

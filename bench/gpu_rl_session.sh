@@ -12,11 +12,7 @@ OUT=${OUT:-runs/gpu-rl-session}
 source bench/gpu_prelude.sh gpu-rl-session.log  # wheels, offline env, log and step(), /tmp/smollm2-random
 
 step "0. machine and versions"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee -a "$log"
-python3 -c "import torch, transformers, trl, pytorch_lightning, datasets, pyarrow
-print('torch', torch.__version__, 'transformers', transformers.__version__, 'trl', trl.__version__,
-      'pytorch_lightning', pytorch_lightning.__version__, 'datasets', datasets.__version__, 'pyarrow', pyarrow.__version__)" \
-  2>&1 | tail -2 | tee -a "$log"
+versions torch transformers trl pytorch_lightning datasets pyarrow
 
 step "1. online RL on the GPU: CUDA-graph decoding matches the dynamic path; the toy task learns (bf16, reward models there)"
 timeout 150 python3 -m pytest -q -m gpu tests/test_gpu.py -k "cuda_graph or online_rl_learns" -p no:cacheprovider 2>&1 \
