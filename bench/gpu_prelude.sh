@@ -1,8 +1,8 @@
 # Sourced by bench/gpu_*.sh on the GPU machine, after they set OUT: installs the
 # carried wheels (.gpu/wheels, if any), sets the offline environment, opens the log "$OUT/$1" with a step function,
 # a versions function (the GPU, its driver, and the version of each Python package named), and, where .gpu/model was
-# carried, builds /tmp/smollm2-random, SmolLM2-135M's architecture with random weights from
-# it (config and tokenizer only: no weights travel within the 64 MiB limit; weights do not change speed).
+# carried, builds /tmp/smollm2-random, SmolLM2-135M's architecture with random weights from it (config and tokenizer
+# only: no weights travel within the 64 MiB limit; weights do not change speed).
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 if compgen -G ".gpu/wheels/*.whl" >/dev/null; then
