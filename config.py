@@ -151,7 +151,10 @@ class TrainConfig:
     )
     # Online RL (--training-type rloo, grpo).
     num_generations: int = _f(4, "Online RL: answers sampled per prompt (K, at least 2); each one's baseline comes from the others.")
-    temperature: float = _f(1.0, "Online RL: sampling temperature of the answers (the loss reads the policy at temperature 1).")
+    temperature: float = _f(1.0, "Online RL: sampling temperature of the answers.")
+    loss_temperature: float | None = _f(
+        None, "Online RL: the temperature the loss, the KL and PPO's ratio read the policy at, softmax(logits / T). "
+        "Unset: the sampling --temperature (1 if that is 0), so the answers are on-policy (as TRL and OpenRLHF).")
     top_p: float = _f(1.0, "Online RL: nucleus sampling mass of the answers (1: the whole distribution).")
     reward: list[str] = _f(
         ["math"], "Online RL: a reward source, repeat the flag for several: math, format, bt:PATH, genrm:PATH, "

@@ -20,6 +20,8 @@ Each training step, for a micro-batch of P prompts:
        token:     (1 / sum_i |y_i|) sum_i sum_t l_it            DAPO's token mean, over the micro-batch's tokens
 
    The module averages the micro-batches of an accumulation window over their prompts (units: one per prompt).
+   The log-probs (loss, KL, PPO's old policy) read the policy at --loss-temperature, by default the sampling
+   temperature, so that the answers are samples of the policy the loss differentiates (as TRL and OpenRLHF do).
    The pass with gradient runs each prompt once and its answers over its KV cache (``answer_logprobs``,
    --share-prompt-pass).
 
@@ -300,13 +302,14 @@ def shares_prompt_pass(cfg, model) -> bool:
             and sequence_multiple(cfg.precision) == 1 and shared_prompt_exact(model, cfg.max_length + cfg.max_new_tokens))
 
 
-def answer_logprobs(model, r: Rollout, rows: torch.Tensor, k: int, share: bool = True
+def answer_logprobs(model, r: Rollout, rows: torch.Tensor, k: int, share: bool = True, temperature: float = 1.0
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """``token_logprobs`` of the rollout's rows ``rows``, in its (n, L-1) layout: log-probs (0 off the answers) and
     the answer mask. The rows are cut to the longest of them (the rest of their width is the other rows' padding).
     Where ``share``, the rollout has ``prompt_lengths`` (``shares_prompt_pass``) and ``model`` is read exactly that
     way (``losses.logprobs.shared_prompt_exact``: the frozen reference is checked too), each prompt runs once and its
-    answers over its KV cache (``losses.logprobs.shared_prompt_logprobs``); else each row runs whole."""
+    answers over its KV cache (``losses.logprobs.shared_prompt_logprobs``); else each row runs whole. At
+    ``temperature``: the log-softmax of logits / temperature."""
     ids, attention, labels = r.input_ids[rows], r.attention_mask[rows], r.labels[rows]
     full = ids.shape[1] - 1
     width = int(attention.sum(-1).max())
@@ -315,7 +318,7 @@ def answer_logprobs(model, r: Rollout, rows: torch.Tensor, k: int, share: bool =
     if share and r.prompt_lengths is not None:
         starts, lengths = r.prompt_lengths[rows], r.lengths[rows]
     if starts is None or int(lengths.max()) == 0 or not shared_prompt_exact(model, int(starts.max() + lengths.max())):
-        logps, mask = token_logprobs(model, ids, attention, labels)
+        logps, mask = token_logprobs(model, ids, attention, labels, temperature=temperature)
     else:
         _, mask = shift_labels(labels)
         prompts, group = torch.unique(rows // k, return_inverse=True)
@@ -327,7 +330,7 @@ def answer_logprobs(model, r: Rollout, rows: torch.Tensor, k: int, share: bool =
         answer_mask = (offsets < lengths[:, None]).long()  # (n, A)
         answer_ids = ids.gather(1, (starts[:, None] + offsets).clamp(max=width - 1)) * answer_mask
         answer = shared_prompt_logprobs(model, ids[first, :prompt_width] * prompt_mask, prompt_mask, answer_ids,
-                                        answer_mask, group)  # (n, A)
+                                        answer_mask, group, temperature=temperature)  # (n, A)
         logps = torch.zeros(mask.shape, dtype=answer.dtype, device=answer.device)
         logps[mask] = answer[answer_mask.bool()]  # both hold each row's answer tokens in order
     pad = full - logps.shape[1]
@@ -337,10 +340,11 @@ def answer_logprobs(model, r: Rollout, rows: torch.Tensor, k: int, share: bool =
 # ---- the loss ---------------------------------------------------------------------------------------------
 
 def rl_objective_loss(model, batch: dict, ref, rollouts: Rollouts, estimator: str, kl_coef: float, kl_estimator: str,
-                      kl_placement: str, normalization: str, clip_eps: float, truncated: str, max_new_tokens: int
-                      ) -> LossOutput:
+                      kl_placement: str, normalization: str, clip_eps: float, truncated: str, max_new_tokens: int,
+                      temperature: float = 1.0, loss_temperature: float | None = None) -> LossOutput:
     """Sample (or reuse) the rollout of ``batch``, then the policy-gradient loss summed over its P prompts (see the
-    module docstring); units: P."""
+    module docstring); units: P. The log-probs read the policy at ``loss_temperature`` (``logprob_temperature``)."""
+    tau = logprob_temperature(temperature, loss_temperature)
     r = rollouts(model, batch)
     prompts, k = r.rewards.shape
     answer = r.labels[:, 1:] != IGNORE_INDEX  # (N, L-1) answer tokens, as token_logprobs masks them
@@ -357,13 +361,13 @@ def rl_objective_loss(model, batch: dict, ref, rollouts: Rollouts, estimator: st
         trained, rows = len(active), active if len(active) else rows[:1]
     # This run's setting: a kept rollout restored from a checkpoint may carry prompt_lengths from a run that shared.
     share = getattr(rollouts, "share_prompt", True)  # (tests pass a plain callable as ``rollouts``)
-    logps, mask = answer_logprobs(model, r, rows, k, share)  # with gradient
+    logps, mask = answer_logprobs(model, r, rows, k, share, tau)  # with gradient
     mask = mask & answer[rows]
     metrics: dict[str, torch.Tensor] = {"trained_share": torch.tensor(trained / len(r.texts), dtype=torch.float32)}
     kl_tokens = None
     if kl_coef > 0:
         with torch.no_grad():
-            ref_logps, _ = answer_logprobs(ref, r, torch.arange(len(r.texts), device=r.labels.device), k, share)
+            ref_logps, _ = answer_logprobs(ref, r, torch.arange(len(r.texts), device=r.labels.device), k, share, tau)
         kl_tokens = kl_estimate(logps, ref_logps, kl_estimator) * mask  # (N, L-1)
         metrics["kl"] = kl_tokens.detach().sum() / mask.sum().clamp(min=1)
     if r.advantages is None:  # the first use of this rollout, with a KL term
@@ -386,6 +390,15 @@ def rl_objective_loss(model, batch: dict, ref, rollouts: Rollouts, estimator: st
     metrics.update(rollout_metrics(r))
     metrics["clipped_share"] = clipped
     return loss_sum, torch.tensor(prompts), metrics
+
+
+def logprob_temperature(temperature: float, loss_temperature: float | None) -> float:
+    """The temperature the loss reads the policy at: --loss-temperature where set, else the sampling --temperature
+    (1 for greedy sampling, --temperature 0), so the answers are samples of the distribution the loss differentiates:
+    softmax(logits / T), as TRL's RLOO and GRPO trainers and OpenRLHF read it."""
+    if loss_temperature is not None:
+        return loss_temperature
+    return temperature if temperature > 0 else 1.0
 
 
 def rollout_metrics(r: Rollout) -> dict[str, torch.Tensor]:
@@ -418,6 +431,8 @@ def check(cfg) -> list[str]:
     if cfg.num_generations < 2:
         problems.append(f"--num-generations must be at least 2 (the baseline of each answer is the other answers to "
                         f"its prompt), got {cfg.num_generations}")
+    if cfg.loss_temperature is not None and cfg.loss_temperature <= 0:
+        problems.append(f"--loss-temperature must be above 0 (or unset: the sampling --temperature), got {cfg.loss_temperature}")
     if cfg.temperature < 0 or not 0 < cfg.top_p <= 1:
         problems.append(f"--temperature must be 0 or more and --top-p in (0, 1], got {cfg.temperature} and {cfg.top_p}")
     if cfg.updates_per_rollout < 1:
@@ -448,7 +463,8 @@ def _objective(name: str, defaults: dict) -> Objective:
         loss=rl_objective_loss, units=one_prompt, validate=validate_answers, uses_reference=needs_reference,
         loss_args={"estimator": "advantage_estimator", "kl_coef": "kl_coef", "kl_estimator": "kl_estimator",
                    "kl_placement": "kl_placement", "normalization": "loss_normalization", "clip_eps": "clip_eps",
-                   "truncated": "truncated_answers", "max_new_tokens": "max_new_tokens"},
+                   "truncated": "truncated_answers", "max_new_tokens": "max_new_tokens", "temperature": "temperature",
+                   "loss_temperature": "loss_temperature"},
         setup=Rollouts, online=True, defaults=defaults, check=check)
 
 

@@ -47,11 +47,14 @@ def shift_labels(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return targets.masked_fill(~mask, 0), mask
 
 
-def head_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def head_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0
+                  ) -> torch.Tensor:
     """log p(target) from hidden states (N, H) through the output head: the vocabulary projection and its
-    log-softmax, the step's largest tensors. A function of its own so that it can be compiled as one graph
-    (``torch.compile`` then fuses the float32 upcast and the log-softmax into the reads of the logits)."""
-    return gather_logprobs(head(hidden), targets)
+    log-softmax, the step's largest tensors, at ``temperature`` (the log-softmax of logits / temperature). A function
+    of its own so that it can be compiled as one graph (``torch.compile`` then fuses the float32 upcast and the
+    log-softmax into the reads of the logits)."""
+    logits = head(hidden)
+    return gather_logprobs(logits if temperature == 1 else logits / temperature, targets)
 
 
 def compile_head(model: torch.nn.Module) -> None:
@@ -62,13 +65,14 @@ def compile_head(model: torch.nn.Module) -> None:
 
 
 def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   labels: torch.Tensor, head_fn=None) -> tuple[torch.Tensor, torch.Tensor]:
+                   labels: torch.Tensor, head_fn=None, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log p(label | prefix) of a causal LM, computing the vocabulary projection only where labels are.
 
     The output head is the largest matrix of a small model (49k x 576 for SmolLM2); skipping it on
     prompt and padding positions saves memory and time without changing any value. ``head_fn`` computes
     the log-probabilities of the selected positions: by default ``head_logprobs``, or its compiled version where
-    ``compile_head(model)`` set one.
+    ``compile_head(model)`` set one. ``temperature`` reads the tempered policy, softmax(logits / temperature): online
+    RL's loss at its sampling temperature.
 
     Returns:
         logps (B, T-1), 0 where masked; mask (B, T-1) bool.
@@ -78,11 +82,11 @@ def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
     head = model.get_output_embeddings()
     if head is None or transforms_logits(model):
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]  # (B, T-1, V)
-        return gather_logprobs(logits, targets) * mask, mask
+        return gather_logprobs(logits if temperature == 1 else logits / temperature, targets) * mask, mask
     hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
     selected = hidden[:, :-1][mask]  # (N, H), N = answer tokens
     logps = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
-    logps[mask] = head_fn(head, selected, targets[mask])
+    logps[mask] = head_fn(head, selected, targets[mask], temperature)
     return logps, mask
 
 
@@ -123,7 +127,7 @@ def shared_prompt_exact(model: torch.nn.Module, width: int | None = None) -> boo
 
 def shared_prompt_logprobs(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                            answer_ids: torch.Tensor, answer_mask: torch.Tensor, group: torch.Tensor,
-                           head_fn=None) -> torch.Tensor:
+                           head_fn=None, temperature: float = 1.0) -> torch.Tensor:
     """Per-token log p(answer token | prompt, earlier answer tokens) of N answers to P prompts, each prompt run once.
 
     ``token_logprobs`` over prompt + answer runs a prompt's tokens once per answer; online RL has K answers to each
@@ -140,7 +144,7 @@ def shared_prompt_logprobs(model: torch.nn.Module, prompt_ids: torch.Tensor, pro
         prompt_ids, prompt_mask: (P, Lp) prompts, right-padded.
         answer_ids, answer_mask: (N, A) answers, right-padded.
         group: (N,) long, the prompt of each answer.
-        head_fn: as in ``token_logprobs``.
+        head_fn, temperature: as in ``token_logprobs``.
 
     Returns:
         (N, A) log-probabilities, 0 where ``answer_mask`` is 0.
@@ -166,5 +170,5 @@ def shared_prompt_logprobs(model: torch.nn.Module, prompt_ids: torch.Tensor, pro
     predictors = torch.cat([last[group, None], hidden[:, :-1]], 1)  # (N, A, H): the position before each token
     selected = answer_mask.bool()
     logps = torch.zeros(answer_ids.shape, dtype=torch.float32, device=answer_ids.device)
-    logps[selected] = head_fn(head, predictors[selected], answer_ids[selected])
+    logps[selected] = head_fn(head, predictors[selected], answer_ids[selected], temperature)
     return logps

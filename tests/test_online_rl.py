@@ -19,6 +19,7 @@ import online_rl
 import rewards
 import train
 from config import ConfigError, resolve
+from losses.logprobs import token_logprobs
 from online_rl import Rollout, answer_batch, rl_objective_loss
 from rewards import RewardError, Rewards, RolloutBatch
 
@@ -351,10 +352,11 @@ def scripted_rollout(tokenizer, answers: list[str], rewards_: list[list[float]],
                    prompt_lengths=torch.tensor([len(prompts[i // k]) for i in range(n)]) if shared else None)
 
 
-def naive_sequence_logps(model, rollout: Rollout) -> torch.Tensor:
-    """sum_t log pi(y_t | prefix) of each answer, from the full logits (an independent path from token_logprobs)."""
+def naive_sequence_logps(model, rollout: Rollout, temperature: float = 1.0) -> torch.Tensor:
+    """sum_t log pi(y_t | prefix) of each answer, from the full logits (an independent path from token_logprobs), at
+    ``temperature``: log softmax(logits / temperature)."""
     logits = model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask).logits.float()
-    logp = torch.log_softmax(logits[:, :-1], -1)
+    logp = torch.log_softmax(logits[:, :-1] / temperature, -1)
     targets = rollout.input_ids[:, 1:]
     picked = logp.gather(-1, targets[..., None]).squeeze(-1)
     return (picked * (rollout.labels[:, 1:] != -100)).sum(-1)
@@ -395,6 +397,53 @@ def test_policy_gradient_equals_reinforce_by_hand(tiny_model_dir, char_tokenizer
     assert ours.keys() == by_hand.keys()
     for name in ours:
         torch.testing.assert_close(ours[name], by_hand[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["whole", "shared-prompt"])
+def test_the_loss_reads_the_policy_at_the_sampling_temperature(tiny_model_dir, char_tokenizer, shared):
+    """Answers sampled at --temperature 0.5 are samples of softmax(logits / 0.5): by default the loss differentiates
+    that policy, -(1/4) sum_i A_i log softmax(logits / 0.5)(y_i) with the RLOO advantages [1, -1, -1, 1];
+    --loss-temperature 1 reads the untempered policy instead, and the two gradients differ."""
+    from models import load_causal_lm
+
+    model = load_causal_lm(str(tiny_model_dir))
+    a = torch.tensor([1.0, -1.0, -1.0, 1.0])
+    for loss_temperature, tau in [(None, 0.5), (1.0, 1.0)]:
+        rollout = scripted_rollout(char_tokenizer, ["2", "3!", "yes", "no"], [[1.0, 0.0], [0.0, 1.0]], shared=shared)
+        loss, _ = loss_of(model, rollout, temperature=0.5, loss_temperature=loss_temperature)
+        ours = grads(model, loss)
+        by_hand = grads(model, -(a * naive_sequence_logps(model, rollout, tau)).sum() / 4)
+        other = grads(model, -(a * naive_sequence_logps(model, rollout, 1.5 - tau)).sum() / 4)
+        assert ours.keys() == by_hand.keys()
+        for name in ours:
+            torch.testing.assert_close(ours[name], by_hand[name], rtol=1e-4, atol=1e-7, msg=name)
+        assert any(not torch.allclose(ours[name], other[name], rtol=1e-3, atol=1e-6) for name in ours)
+
+
+def test_the_loss_temperature_is_the_sampling_temperature_unless_set():
+    assert online_rl.logprob_temperature(0.7, None) == 0.7
+    assert online_rl.logprob_temperature(0.0, None) == 1.0  # greedy answers: the untempered policy
+    assert online_rl.logprob_temperature(0.7, 1.0) == 1.0
+
+
+def test_tempered_logprobs_are_the_same_through_the_head_and_the_full_forward(tiny_model_dir):
+    """token_logprobs at temperature 0.7 through the output head alone and through the model's forward pass (taken
+    for models that transform their logits) both give log softmax(logits / 0.7) at the labels."""
+    from models import load_causal_lm
+
+    model = load_causal_lm(str(tiny_model_dir))
+    ids = torch.tensor([[5, 9, 3, 7, 2, 8], [4, 6, 1, 1, 9, 0]])
+    attention = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0]])
+    labels = torch.tensor([[-100, -100, 3, 7, 2, 8], [-100, -100, -100, 1, 9, -100]])
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
+        expected = torch.log_softmax(logits / 0.7, -1).gather(-1, ids[:, 1:, None]).squeeze(-1) * (labels[:, 1:] != -100)
+        head, mask = token_logprobs(model, ids, attention, labels, temperature=0.7)
+        model.config.logit_scale = 2.0  # marks the logits as transformed: token_logprobs takes the full forward pass
+        full, _ = token_logprobs(model, ids, attention, labels, temperature=0.7)
+    assert mask.sum() == 6
+    torch.testing.assert_close(head, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(full, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_each_prompt_run_once_gives_each_sequences_logprobs_and_gradients(tiny_model_dir):
@@ -594,6 +643,7 @@ def test_yaml_takes_a_list_of_rewards_or_one(tmp_path):
 
 @pytest.mark.parametrize(("flags", "message"), [
     (["--training-type", "rloo", "--num-generations", "1"], "--num-generations must be at least 2"),
+    (["--training-type", "rloo", "--loss-temperature", "0"], "--loss-temperature must be above 0"),
     (["--training-type", "grpo", "--reward", "nope"], "unknown source 'nope'"),
     (["--training-type", "rloo", "--precompute-ref-logps"], "--precompute-ref-logps cannot work for online RL"),
     (["--training-type", "rloo", "--genrm-gate"], "--genrm-gate asks the verifier only"),
