@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -57,6 +58,12 @@ def head_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Te
     return gather_logprobs(logits if temperature == 1 else logits / temperature, targets)
 
 
+def tempered(head_fn, temperature: float):
+    """``head_fn`` (``head_logprobs`` or its compiled version) reading the policy at ``temperature``: itself at 1, so
+    an untempered read calls it exactly as before temperatures existed."""
+    return head_fn if temperature == 1 else functools.partial(head_fn, temperature=temperature)
+
+
 def compile_head(model: torch.nn.Module) -> None:
     """Make every ``token_logprobs`` of ``model`` use ``head_logprobs`` compiled by ``torch.compile`` (--compile-head):
     the projection, float32 upcast and log-softmax run as one graph that never writes the float32 logits. Compiled
@@ -86,7 +93,7 @@ def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
     hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
     selected = hidden[:, :-1][mask]  # (N, H), N = answer tokens
     logps = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
-    logps[mask] = head_fn(head, selected, targets[mask], temperature)
+    logps[mask] = tempered(head_fn, temperature)(head, selected, targets[mask])
     return logps, mask
 
 
@@ -170,5 +177,5 @@ def shared_prompt_logprobs(model: torch.nn.Module, prompt_ids: torch.Tensor, pro
     predictors = torch.cat([last[group, None], hidden[:, :-1]], 1)  # (N, A, H): the position before each token
     selected = answer_mask.bool()
     logps = torch.zeros(answer_ids.shape, dtype=torch.float32, device=answer_ids.device)
-    logps[selected] = head_fn(head, predictors[selected], answer_ids[selected], temperature)
+    logps[selected] = tempered(head_fn, temperature)(head, predictors[selected], answer_ids[selected])
     return logps

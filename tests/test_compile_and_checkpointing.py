@@ -52,6 +52,22 @@ def test_compiled_head_gives_the_eager_losses_and_gradients(tiny_model_dir, char
     torch.testing.assert_close(_loss_and_grads(model, batch)[0], eager_loss, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
+def test_the_compiled_head_reads_a_tempered_policy_as_the_eager_one(tiny_model_dir, char_tokenizer):
+    """Online RL's loss at a sampling temperature through --compile-head: the same log-probs as the eager head, which
+    differ from the untempered ones."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    batch = _batch(char_tokenizer)
+    args = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    with torch.no_grad():
+        eager, mask = token_logprobs(model, *args, temperature=0.7)
+        plain, _ = token_logprobs(model, *args)
+        compile_head(model)
+        compiled, _ = token_logprobs(model, *args, temperature=0.7)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(eager[mask], plain[mask], rtol=1e-3, atol=1e-4)
+
+
 def test_activation_checkpointing_gives_the_same_losses_and_gradients(tiny_model_dir, char_tokenizer):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).train()
