@@ -20,16 +20,19 @@ def transforms_logits(model: torch.nn.Module) -> bool:
     return any(getattr(model.config, name, None) not in (None, 1, 1.0) for name in LOGIT_TRANSFORMS)
 
 
-def gather_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[target] for every position.
+def gather_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / temperature)[target] for every position.
 
     Args:
         logits: (..., V) unnormalised scores; upcast to float32 so the log-softmax is exact in bf16 runs.
         targets: (...) token ids, all valid (no -100).
+        temperature: the policy's temperature; at 1 the logits are read as they are (no division).
 
     Returns:
         (...) log-probabilities.
     """
+    if temperature != 1:
+        logits = logits / temperature
     flat = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
     return -flat.view(targets.shape)
 
@@ -54,8 +57,7 @@ def head_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Te
     log-softmax, the step's largest tensors, at ``temperature`` (the log-softmax of logits / temperature). A function
     of its own so that it can be compiled as one graph (``torch.compile`` then fuses the float32 upcast and the
     log-softmax into the reads of the logits)."""
-    logits = head(hidden)
-    return gather_logprobs(logits if temperature == 1 else logits / temperature, targets)
+    return gather_logprobs(head(hidden), targets, temperature)
 
 
 def tempered(head_fn, temperature: float):
@@ -89,7 +91,7 @@ def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
     head = model.get_output_embeddings()
     if head is None or transforms_logits(model):
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]  # (B, T-1, V)
-        return gather_logprobs(logits if temperature == 1 else logits / temperature, targets) * mask, mask
+        return gather_logprobs(logits, targets, temperature) * mask, mask
     hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
     selected = hidden[:, :-1][mask]  # (N, H), N = answer tokens
     logps = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)

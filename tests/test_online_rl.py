@@ -408,12 +408,12 @@ def test_the_loss_reads_the_policy_at_the_sampling_temperature(tiny_model_dir, c
 
     model = load_causal_lm(str(tiny_model_dir))
     a = torch.tensor([1.0, -1.0, -1.0, 1.0])
-    for loss_temperature, tau in [(None, 0.5), (1.0, 1.0)]:
+    for loss_temperature, tau, other_tau in [(None, 0.5, 1.0), (1.0, 1.0, 0.5)]:
         rollout = scripted_rollout(char_tokenizer, ["2", "3!", "yes", "no"], [[1.0, 0.0], [0.0, 1.0]], shared=shared)
         loss, _ = loss_of(model, rollout, temperature=0.5, loss_temperature=loss_temperature)
         ours = grads(model, loss)
         by_hand = grads(model, -(a * naive_sequence_logps(model, rollout, tau)).sum() / 4)
-        other = grads(model, -(a * naive_sequence_logps(model, rollout, 1.5 - tau)).sum() / 4)
+        other = grads(model, -(a * naive_sequence_logps(model, rollout, other_tau)).sum() / 4)
         assert ours.keys() == by_hand.keys()
         for name in ours:
             torch.testing.assert_close(ours[name], by_hand[name], rtol=1e-4, atol=1e-7, msg=name)
