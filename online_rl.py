@@ -40,7 +40,7 @@ from losses.logprobs import IGNORE_INDEX, shared_prompt_exact, shared_prompt_log
 from losses.rl import advantages, kl_estimate, policy_gradient_loss, zero_gradient_share
 from models import load_causal_lm, stop_token_ids
 from objectives import LossOutput, Objective, validate_answers
-from precision import sequence_multiple
+from precision import sampling_autocast, sequence_multiple
 from sampling import Continuation
 
 # ---- data: prompts, left-padded ---------------------------------------------------------------------------
@@ -235,10 +235,10 @@ class Rollouts:
             seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=device))
             groups = self.engine.sample(prompts, k, self.stop_ids, cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed)
         else:
-            with self.module.full_weights():
+            static = self.module.graph_decoding()
+            with self.module.full_weights(), sampling_autocast(cfg.precision, device, static):
                 sampler = PrefixSampler(model, prompts, self.tokenizer.pad_token_id, cfg.temperature, cfg.top_p,
-                                        generator=generator, sync=self.module.sampling_sync(),
-                                        static_cache=self.module.graph_decoding())
+                                        generator=generator, sync=self.module.sampling_sync(), static_cache=static)
                 groups = sampler.sample(list(range(len(prompts))), k, self.stop_ids, cfg.max_new_tokens)
         answers = [a for group in groups for a in group]
         texts = [self.tokenizer.decode(a.tokens, skip_special_tokens=True).strip() for a in answers]

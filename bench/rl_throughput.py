@@ -5,16 +5,16 @@ Each optimizer step of every run samples K = --num-generations answers to each o
 synthetic-math prompts (temperature 1.0, top-p 1, no top-k, up to --max-new-tokens), rewards each answer with
 math-verify against the row's reference (ours ``--reward math``; TRL a reward function calling our
 ``rewards.math_reward``, so the same code scores both; ``--reward coin``: a 0/1 checksum of the answer's text, the
-same function for all, for policies that solve nothing, such as random weights on a GPU), and takes one AdamW step
-on the policy gradient of those P*K answers: fp32, no KL term and no reference model (ours ``--kl-coef 0``, TRL
-``beta=0.0``), one update per batch of rollouts (ours ``--updates-per-rollout 1``; TRL ``num_iterations=1``,
-``steps_per_generation=1``, ``gradient_accumulation_steps=1``, ``per_device_train_batch_size`` = P*K, as TRL counts
-completions), the same lr, cosine schedule without warm-up, clipping and weight decay; TRL with activation
-checkpointing and bf16 off (both on by its defaults). The prompts of every step are the same for all runs: TRL gets
-the rows our length-grouped sampler plans, in its order, unshuffled (``shuffle_dataset=False``); each run records
-the rows of every step and the summary says whether they agree. Each run is its own subprocess (peak RSS on CPU,
-``torch.cuda.max_memory_allocated`` on CUDA, read at the end of the last timed step); the first --warmup-steps steps
-are not timed.
+same function for all, for policies that solve nothing, such as random weights on a GPU), and takes one AdamW step on
+the policy gradient of those P*K answers: fp32 (--precision bf16-mixed: bf16 autocast in both), no KL term and no
+reference model (ours ``--kl-coef 0``, TRL ``beta=0.0``), one update per batch of rollouts (ours
+``--updates-per-rollout 1``; TRL ``num_iterations=1``, ``steps_per_generation=1``, ``gradient_accumulation_steps=1``,
+``per_device_train_batch_size`` = P*K, as TRL counts completions), the same lr, cosine schedule without warm-up,
+clipping and weight decay; TRL with activation checkpointing off and bf16 as --precision says (both on by its
+defaults). The prompts of every step are the same for all runs: TRL gets the rows our length-grouped sampler plans, in
+its order, unshuffled (``shuffle_dataset=False``); each run records the rows of every step and the summary says
+whether they agree. Each run is its own subprocess (peak RSS on CPU, ``torch.cuda.max_memory_allocated`` on CUDA, read
+at the end of the last timed step); the first --warmup-steps steps are not timed.
 
 Measured over the timed steps: steps/s; rollout tokens/s (answer tokens sampled, stop token included, per second of
 whole step: sampling, rewards, forward, backward, optimizer); decode tokens/s (the same tokens per second of
@@ -147,7 +147,7 @@ def rl_config(args: argparse.Namespace, storage: str):
         "--synthetic-levels", args.levels, "--train-dataset-length", str(total_steps(args) * args.prompts_per_step),
         "--test-dataset-length", str(TEST_ROWS), "--batch-size", str(args.prompts_per_step), "--max-epochs", "1",
         "--max-steps", str(total_steps(args)), "--max-length", str(args.max_length), "--lr", str(args.lr),
-        "--warmup-steps", "0", "--precision", "32", "--num-generations", str(args.num_generations),
+        "--warmup-steps", "0", "--precision", args.precision, "--num-generations", str(args.num_generations),
         "--max-new-tokens", str(args.max_new_tokens), "--temperature", str(TEMPERATURE), "--top-p", "1.0",
         "--reward", "math" if args.reward == "math" else "python:bench.rl_throughput:coin",
         "--kl-coef", "0", "--updates-per-rollout", "1", "--cuda-graphs" if args.cuda_graphs == "on" else "--no-cuda-graphs",
@@ -307,7 +307,8 @@ def measure_trl(args: argparse.Namespace, algorithm: str) -> dict[str, Any]:
             shuffle_dataset=False,  # the rows come in our sampler's order: the same prompts every step
             max_steps=total_steps(args), num_train_epochs=1, learning_rate=args.lr, lr_scheduler_type="cosine",
             warmup_steps=0, weight_decay=cfg.weight_decay, max_grad_norm=cfg.gradient_clip_val, seed=cfg.seed,
-            bf16=False, fp16=False, **{checkpointing: False},  # TRL defaults to bf16 and checkpointing; ours to neither
+            # TRL defaults to bf16 and checkpointing; ours to neither (--precision sets both frameworks' bf16)
+            bf16=args.precision == "bf16-mixed", fp16=False, **{checkpointing: False},
             use_cpu=not cuda, dataloader_num_workers=0, report_to=[], save_strategy="no", eval_strategy="no",
             logging_strategy="no", disable_tqdm=True, log_completions=False, **specific,
         )
@@ -390,6 +391,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-length", type=int, default=256, help="Prompts this long or longer are dropped (ours).")
     parser.add_argument("--levels", default="1,2", help="Synthetic-math difficulty levels.")
     parser.add_argument("--lr", type=float, default=1e-5, help="Learning rate of every run.")
+    parser.add_argument("--precision", choices=("32", "bf16-mixed"), default="32",
+                        help="Ours: train.py's --precision; TRL: bf16=True under bf16-mixed (accelerate's autocast).")
     parser.add_argument("--reward", choices=("math", "coin"), default="math",
                         help="math: math-verify against the reference; coin: 0/1 from a checksum of the answer (see coin).")
     parser.add_argument("--trl", default=",".join(TRL_TRAINERS), help="TRL trainers to run, comma separated: rloo, grpo.")
