@@ -61,6 +61,7 @@ class PostTrainingModule(pl.LightningModule):
         state = {"rollouts": self.rollouts} if self.rollouts is not None else {}
         self.loss_fn, self.total = self.objective.bound_loss(cfg, **state), self.objective.bound_total(cfg)
         self._val_sums = self._val_units = None  # loss sums and units of the validation pass (per part)
+        self._window: list[tuple[torch.Tensor, dict, float]] = []  # the accumulation window's micro-batches so far (``_step_log``)
         self._judges: dict = {}  # --calculate-win-rate's judge, loaded once (a plain dict: not a submodule)
         self.collator = self.objective.collator(tokenizer.pad_token_id, sequence_multiple(cfg.precision))
         self.model.train()  # from_pretrained returns eval mode; Lightning expects the training mode at fit start
@@ -140,14 +141,37 @@ class PostTrainingModule(pl.LightningModule):
         shown = torch.stack([loss_sum.detach(), units])
         if self.trainer.world_size > 1:  # the loss of the whole step's batch, not this worker's share
             shown = self.trainer.strategy.reduce(shown, reduce_op="sum")
-        self.log_metric("train/loss", self.total(shown[0], shown[1]), prog_bar=True)
-        self._log_parts("train", shown[0], shown[1])
-        for name, value in metrics.items():
-            self.log_metric(f"train/{name}", value)
-        self.log_metric("train/lr", self.lr_schedulers().get_last_lr()[0], exact=True)
+        step = self._step_log(batch_idx, shown, metrics, len(batch["input_ids"]))
+        if step is not None:  # the accumulation window's last micro-batch: log the optimizer step's numbers
+            shown, metrics = step
+            self.log_metric("train/loss", self.total(shown[0], shown[1]), prog_bar=True)
+            self._log_parts("train", shown[0], shown[1])
+            for name, value in metrics.items():
+                self.log_metric(f"train/{name}", value)
+            self.log_metric("train/lr", self.lr_schedulers().get_last_lr()[0], exact=True)
         # Monitored by the checkpoint callback to keep the newest; counts this step (global_step is pre-increment here).
         self.log_metric("trained_steps", self.global_step + 1)
         return objective
+
+    def _step_log(self, batch_idx: int, shown: torch.Tensor, metrics: dict, rows: int
+                  ) -> tuple[torch.Tensor, dict] | None:
+        """What an optimizer step logs, once its accumulation window's last micro-batch has run (None before): the
+        loss over all its micro-batches (their loss sums and units added), and each metric's mean over the
+        micro-batches that report it, weighted by their ``rows`` (the max for ``*_max``). Lightning keeps one value
+        per step, so logging each micro-batch would leave only the last one's (one length group of the step's
+        prompts)."""
+        metrics = {k: torch.as_tensor(v).detach().float() for k, v in metrics.items()}
+        self._window.append((shown, metrics, float(rows)))
+        accumulate = self.trainer.accumulate_grad_batches
+        if (batch_idx + 1) % accumulate and batch_idx + 1 != self.trainer.num_training_batches:
+            return None
+        window, self._window = self._window, []
+        step = {}
+        for name in dict.fromkeys(k for _, m, _ in window for k in m):
+            values = torch.stack([m[name].to(shown.device) for _, m, _ in window if name in m])
+            weights = torch.tensor([w for _, m, w in window if name in m], device=values.device)
+            step[name] = values.amax() if name.endswith("_max") else (values * weights).sum() / weights.sum()
+        return torch.stack([s for s, _, _ in window]).sum(0), step
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         self._clock = time.perf_counter()

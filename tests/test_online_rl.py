@@ -703,6 +703,25 @@ def test_rloo_learns_the_toy_task_in_bf16(tiny_model_dir, tmp_path, precision):
     assert sum(reward[-5:]) / 5 > 0.3, reward
 
 
+def test_a_step_logs_all_of_its_micro_batches(tiny_model_dir, tmp_path):
+    """With --accumulate-grad-batches 2 an optimizer step's logged rollout numbers are those of both micro-batches
+    (the step's rollout file holds both): the reward's mean over all its answers (micro-batches weighted by their
+    prompts) and the longest answer, not the last micro-batch's."""
+    result = train.main(toy_args(tiny_model_dir, tmp_path, "acc", "--max-steps", "3", "--max-epochs", "100",
+                                 "--batch-size", "2", "--accumulate-grad-batches", "2"))
+    run_dir = Path(result["run_dir"])
+    reward, longest = logged(run_dir, "train/reward"), logged(run_dir, "train/completion_length_max")
+    assert len(reward) == len(longest) == 3
+    halves = []
+    for step in range(3):
+        rows = [json.loads(line) for line in (run_dir / "rollouts" / f"step-{step}.jsonl").read_text().splitlines()]
+        assert len(rows) in (3 * 8, 4 * 8)  # two micro-batches of 2 prompts (57 rows: one batch has 1) x K = 8
+        assert reward[step] == pytest.approx(sum(r["reward"] for r in rows) / len(rows), abs=1e-3)
+        assert longest[step] == max(r["tokens"] for r in rows)
+        halves.append([sum(r["reward"] for r in rows[i:i + 16]) / len(rows[i:i + 16]) for i in (0, 16)])
+    assert any(a != b for a, b in halves)  # the two micro-batches differ, so the last one alone would not do
+
+
 class LinearDtypes(pl.Callback):
     """The output dtype of the policy's first linear layer in every forward pass, split by whether gradient is on
     (the training pass) or off (sampling, which runs under ``torch.no_grad``)."""
