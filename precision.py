@@ -42,7 +42,7 @@ def sequence_multiple(precision: str) -> int:
 def sampling_autocast(precision: str, device: torch.device, static_cache: bool = False) -> contextlib.AbstractContextManager:
     """The autocast a policy samples its own rollouts under: under --precision bf16-mixed the training pass's (bf16
     matrix products, float32 weights), so the policy sampled is the policy trained, and a CPU with AVX-512 BF16
-    decodes about 1.8x faster than in float32 (docs/benchmarks.md); none under the other precisions (bf16-true's
+    decodes about 1.5x faster than in float32 (docs/benchmarks.md); none under the other precisions (bf16-true's
     weights are bf16 already), nor for decoding over a static KV cache (CUDA graphs), whose cache and mask are
     allocated in the weights' dtype."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed" and not static_cache)
