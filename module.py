@@ -207,8 +207,9 @@ class PostTrainingModule(pl.LightningModule):
         sums, units = loss_sum.detach().double(), units.double()
         self._val_sums = sums if self._val_sums is None else self._val_sums + sums
         self._val_units = units if self._val_units is None else self._val_units + units
-        for name, value in metrics.items():
-            self.log_metric(f"val/{name}", value, batch_size=max(1, int(units.sum())), sync_dist=True)
+        for name, value in metrics.items():  # the split's mean over its units (its max for a "*_max")
+            self.log_metric(f"val/{name}", value, batch_size=max(1, int(units.sum())), sync_dist=True,
+                            reduce_fx="max" if name.endswith("_max") else "mean")
 
     def on_validation_epoch_end(self) -> None:
         if self._val_sums is not None:

@@ -703,23 +703,68 @@ def test_rloo_learns_the_toy_task_in_bf16(tiny_model_dir, tmp_path, precision):
     assert sum(reward[-5:]) / 5 > 0.3, reward
 
 
-def test_a_step_logs_all_of_its_micro_batches(tiny_model_dir, tmp_path):
+def scripted_engine(monkeypatch, answer) -> tuple[list, list]:
+    """Rollouts from a stand-in for vllm.LLM (run with --rollout-engine vllm; vLLM needs a GPU): the answer of sample
+    ``i`` in the engine's ``call``-th generate call is ``answer(call, i)``, a (token ids, finish reason) pair. Returns
+    the generate calls (prompts, sampling settings) and the weights pushed to the engine, as they come."""
+    from types import SimpleNamespace
+
+    pushed, calls = [], []
+
+    class EngineModel:
+        def load_weights(self, weights):
+            pushed.append({name: w.clone() for name, w in weights})
+
+    class FakeLLM:
+        llm_engine = SimpleNamespace(model_executor=SimpleNamespace(driver_worker=SimpleNamespace(
+            model_runner=SimpleNamespace(model=EngineModel()))))
+
+        def generate(self, prompts, params, use_tqdm):
+            call = len(calls)
+            calls.append((prompts, params))
+            outputs = [SimpleNamespace(**dict(zip(("token_ids", "finish_reason"), answer(call, i))))
+                       for i in range(params["n"])]
+            return [SimpleNamespace(outputs=outputs) for _ in prompts]
+
+    monkeypatch.setattr(online_rl, "vllm_usable", lambda: True)
+    monkeypatch.setattr(online_rl.VLLMEngine, "load", classmethod(lambda cls, cfg: cls(FakeLLM(), dict)))
+    return calls, pushed
+
+
+def test_a_step_logs_all_of_its_micro_batches(tiny_model_dir, char_tokenizer, tmp_path, monkeypatch):
     """With --accumulate-grad-batches 2 an optimizer step's logged rollout numbers are those of both micro-batches
     (the step's rollout file holds both): the reward's mean over all its answers (micro-batches weighted by their
-    prompts) and the longest answer, not the last micro-batch's."""
+    prompts) and the longest answer, not the last micro-batch's; validation's are those of the whole split. Scripted
+    answers make every sampling call's reward and longest answer differ from the next one's."""
+    seven, a, end = (char_tokenizer.convert_tokens_to_ids(t) for t in ("7", "a", "<|im_end|>"))
+
+    def answer(call: int, i: int) -> tuple[list[int], str]:  # call % 3 + 1 characters; half or a third of them 7s
+        return [seven if i % (2 + call % 2) == 0 else a] * (call % 3 + 1) + [end], "stop"
+
+    scripted_engine(monkeypatch, answer)
     result = train.main(toy_args(tiny_model_dir, tmp_path, "acc", "--max-steps", "3", "--max-epochs", "100",
-                                 "--batch-size", "2", "--accumulate-grad-batches", "2"))
+                                 "--batch-size", "2", "--accumulate-grad-batches", "2", "--rollout-engine", "vllm"))
     run_dir = Path(result["run_dir"])
     reward, longest = logged(run_dir, "train/reward"), logged(run_dir, "train/completion_length_max")
     assert len(reward) == len(longest) == 3
-    halves = []
+    last_micro_batch = []
     for step in range(3):
         rows = [json.loads(line) for line in (run_dir / "rollouts" / f"step-{step}.jsonl").read_text().splitlines()]
         assert len(rows) in (3 * 8, 4 * 8)  # two micro-batches of 2 prompts (57 rows: one batch has 1) x K = 8
         assert reward[step] == pytest.approx(sum(r["reward"] for r in rows) / len(rows), abs=1e-3)
         assert longest[step] == max(r["tokens"] for r in rows)
-        halves.append([sum(r["reward"] for r in rows[i:i + 16]) / len(rows[i:i + 16]) for i in (0, 16)])
-    assert any(a != b for a, b in halves)  # the two micro-batches differ, so the last one alone would not do
+        last = [r for r in rows if r["tokens"] == rows[-1]["tokens"]]  # one sampling call's answers: one length
+        assert len(last) < len(rows)
+        last_micro_batch.append((sum(r["reward"] for r in last) / len(last), last[0]["tokens"]))
+    # The last micro-batch alone would not do: its reward differs at every step, its longest answer at some.
+    assert all(mean != logged_mean for (mean, _), logged_mean in zip(last_micro_batch, reward))
+    assert any(tokens != logged_max for (_, tokens), logged_max in zip(last_micro_batch, longest))
+    # The final validation, after step 3: 7 prompts (--test-size 0.1 of 64) in 4 batches of 2 and 1.
+    val = [json.loads(line) for line in (run_dir / "rollouts" / "val-step-3.jsonl").read_text().splitlines()]
+    batches = [val[i:i + 16] for i in range(0, len(val), 16)]
+    assert len(val) == 7 * 8 and len({max(r["tokens"] for r in b) for b in batches}) > 1
+    assert result["after"]["val/reward"] == pytest.approx(sum(r["reward"] for r in val) / len(val), abs=1e-3)
+    assert result["after"]["val/completion_length_max"] == max(r["tokens"] for r in val)
 
 
 class LinearDtypes(pl.Callback):
@@ -818,27 +863,9 @@ def test_vllm_rollouts_get_the_policy_weights_after_every_update(tiny_model_dir,
     """--rollout-engine vllm with a stand-in for vllm.LLM (vLLM needs a GPU): the engine is asked for K answers per
     prompt with the run's sampling settings, gets the policy's weights before the rollouts of every step (changed by
     each update), and its answers are trained on and saved like the HF sampler's."""
-    from types import SimpleNamespace
-
     seven, a, end = (char_tokenizer.convert_tokens_to_ids(t) for t in ("7", "a", "<|im_end|>"))
-    pushed, calls = [], []
-
-    class EngineModel:
-        def load_weights(self, weights):
-            pushed.append({name: w.clone() for name, w in weights})
-
-    class FakeLLM:
-        llm_engine = SimpleNamespace(model_executor=SimpleNamespace(driver_worker=SimpleNamespace(
-            model_runner=SimpleNamespace(model=EngineModel()))))
-
-        def generate(self, prompts, params, use_tqdm):
-            calls.append((prompts, params))
-            answer = [SimpleNamespace(token_ids=[seven, end], finish_reason="stop"),  # reward 1
-                      SimpleNamespace(token_ids=[seven, a, a, a], finish_reason="length")]  # reward 0.25, truncated
-            return [SimpleNamespace(outputs=[answer[i % 2] for i in range(params["n"])]) for _ in prompts]
-
-    monkeypatch.setattr(online_rl, "vllm_usable", lambda: True)
-    monkeypatch.setattr(online_rl.VLLMEngine, "load", classmethod(lambda cls, cfg: cls(FakeLLM(), dict)))
+    answers = [([seven, end], "stop"), ([seven, a, a, a], "length")]  # reward 1; reward 0.25, truncated
+    calls, pushed = scripted_engine(monkeypatch, lambda call, i: answers[i % 2])
     result = train.main(toy_args(tiny_model_dir, tmp_path, "vllm", "--rollout-engine", "vllm", "--max-steps", "2",
                                  "--max-epochs", "100", "--top-p", "0.9"))
     run_dir = Path(result["run_dir"])
