@@ -900,25 +900,23 @@ def test_the_verifier_reward_scores_each_answer_the_same_way_twice(tiny_model_di
 
 
 def _on_two_gloo_ranks(worker, *args) -> None:
-    """``worker(rank, *args)`` in 2 processes joined by a gloo process group on a free local port (60 s timeout)."""
-    import socket
+    """``worker(rank, *args)`` in 2 processes joined by a gloo process group (60 s timeout). They meet through a file
+    store, not a TCP port: a free port picked here and released before the ranks bind it can be taken meanwhile."""
+    import tempfile
 
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_gloo_rank, args=(port, worker, args), nprocs=2, join=True)
+    with tempfile.TemporaryDirectory() as store:
+        mp.spawn(_gloo_rank, args=(f"file://{store}/rendezvous", worker, args), nprocs=2, join=True)
 
 
-def _gloo_rank(rank: int, port: int, worker, args: tuple) -> None:
+def _gloo_rank(rank: int, init_method: str, worker, args: tuple) -> None:
     import datetime
-    import os
 
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
     try:
         worker(rank, *args)
     finally:
